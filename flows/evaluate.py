@@ -1,0 +1,59 @@
+"""Flow ``evaluate``: every query of a bench folder through the mining methods over the bench as one lake."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger
+
+from objret import storage
+from objret.bench import load_bench
+from objret.config import load_params
+from objret.evaluate import evaluate_methods
+from objret.metrics import compare_table, flat_metrics, format_table
+from objret.workspace import Workspace
+from tasks import steps
+from tasks.tracking import log_metrics, mlflow_run
+
+
+def results_path_for(results: str, method: str, first: bool) -> str:
+    """The default (first) method's results go to the named file, others beside it as NAME.<method>.json."""
+    if first:
+        return results
+    path = Path(results)
+    return str(path.with_name(f"{path.stem}.{method}{path.suffix or '.json'}"))
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None, params_path: str | None = None,
+                  overrides: list[str] | None = None, workdir: str | None = None) -> dict:
+    ws = Workspace(load_params(params_path, overrides), workdir)
+    bench = load_bench(bench_dir)
+    methods = methods or [ws.params.section("mining").get("method", "dtm"), "gem"]
+    mining_params = {**ws.params.section("mining"), "gem_p": ws.params.section("index").get("gem_p", 3.0)}
+    with mlflow_run(ws, f"eval {Path(bench_dir).name}", {"flow": "evaluate", "bench": str(bench_dir)}):
+        steps.ingest(ws, [str(Path(bench_dir, s).resolve()) for s in bench.sets])
+        steps.features(ws)
+        runs = evaluate_methods(bench, ws.lake, ws.cache, methods, mining_params)
+        summary = {}
+        for i, run in enumerate(runs):
+            out = results_path_for(results, run.method, i == 0)
+            storage.write_bytes(out, json.dumps(run.results).encode())
+            flat = flat_metrics(run.report)
+            log_metrics({f"{run.method}.{k}": v for k, v in flat.items()}
+                        | {f"{run.method}.seconds_per_query": run.seconds_per_query})
+            metrics_file = Path(out).with_suffix(".metrics.json")
+            storage.write_bytes(str(metrics_file), json.dumps(
+                {"method": run.method, "seconds_per_query": run.seconds_per_query, **run.report.to_dict()},
+                indent=1).encode())
+            mlflow.log_artifact(str(metrics_file))
+            summary[run.method] = {"results": out, "metrics": flat, "seconds_per_query": run.seconds_per_query}
+        table = compare_table({run.method: run.report for run in runs})
+        mlflow.log_text(table, "eval_table.txt")
+        get_run_logger().info("\n%s", table)
+        print(table)
+        for run in runs:
+            print(f"\n{run.method}  ({run.seconds_per_query * 1000:.0f} ms per query)\n{format_table(run.report)}")
+        return summary

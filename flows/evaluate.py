@@ -52,8 +52,8 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
             summary[run.method] = {"results": out, "metrics": flat, "seconds_per_query": run.seconds_per_query}
         table = compare_table({run.method: run.report for run in runs})
         mlflow.log_text(table, "eval_table.txt")
+        details = "\n\n".join(f"{run.method}  ({run.seconds_per_query * 1000:.0f} ms per query)\n"
+                                f"{format_table(run.report, details=True)}" for run in runs)
+        mlflow.log_text(details, "eval_details.txt")
         get_run_logger().info("\n%s", table)
-        print(table)
-        for run in runs:
-            print(f"\n{run.method}  ({run.seconds_per_query * 1000:.0f} ms per query)\n{format_table(run.report)}")
-        return summary
+        return {"table": table, "details": details, "methods": summary}

@@ -111,8 +111,12 @@ def _resnet50(layers: tuple[str, ...], max_side: int, weights_file: str | None) 
     from torchvision.models.feature_extraction import create_feature_extractor
 
     if weights_file:
+        path = Path(weights_file).expanduser()
+        if not path.is_file():
+            raise ObjretError(f"ResNet-50 weights file not found: {path} (features.resnet50_weights must name "
+                              "a local torchvision ResNet-50 state_dict file)")
         model = torchvision.models.resnet50(weights=None)
-        model.load_state_dict(_load_state_dict(Path(weights_file)))
+        model.load_state_dict(_load_state_dict(path))
     else:
         try:
             model = torchvision.models.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V2)

@@ -110,8 +110,11 @@ def cmd_eval(args) -> int:
     from flows.evaluate import evaluate_flow
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    evaluate_flow(bench_dir=str(Path(args.bench).resolve()), results=str(Path(args.results).resolve()),
-                  methods=methods, **_flow_kwargs(args))
+    result = evaluate_flow(bench_dir=str(Path(args.bench).resolve()), results=str(Path(args.results).resolve()),
+                           methods=methods, **_flow_kwargs(args))
+    print(result["table"])
+    for method, info in result["methods"].items():
+        print(f"{method}: {info['seconds_per_query'] * 1000:.0f} ms per query, results in {info['results']}")
     return 0
 
 

@@ -122,3 +122,15 @@ def s3_store(s3_server, monkeypatch):
     storage.s3_client.cache_clear()  # cached clients hold the credentials they were built with
     yield s3_server
     storage.s3_client.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real temporary Prefect API server (SQLite under a temp PREFECT_HOME) for flow tests."""
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,123 @@
+"""The Prefect flows end to end on a small real lake: build-index, then mine a report into a dataset,
+recorded in MLflow and as a Prefect artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import mlflow
+import numpy as np
+import pytest
+
+SMALL = ["features.backbone=efficientnet_lite0", "features.max_side=640", "mining.top_k=5",
+         "mining.scales=[0.75,1.0,1.5]", "lake.video_every_n=1"]
+
+
+@pytest.fixture(scope="module")
+def pets_video(bench_dir, tmp_path_factory) -> Path:
+    """24 real PETS 2009 frames (MOT frames 101..147, every 2nd) as an MJPG video."""
+    path = tmp_path_factory.mktemp("video") / "pets.avi"
+    frames = [cv2.imread(str(bench_dir / "pets09_s2l1" / "images" / f"{n:06d}.jpg")) for n in range(101, 149, 2)]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 7, (768, 576))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def pedestrian_box(bench_dir: Path, mot_frame: int, track_id: int) -> list[float]:
+    ann = json.loads((bench_dir / "pets09_s2l1" / "annotations.json").read_text())
+    return next(a["bbox"] for a in ann["annotations"] if a["image_id"] == mot_frame and a["track_id"] == track_id)
+
+
+@pytest.fixture(scope="module")
+def built(prefect_server, pets_video, tmp_path_factory):
+    from flows.build_index import build_index_flow
+
+    workdir = tmp_path_factory.mktemp("work")
+    result = build_index_flow(sources=[str(pets_video)], overrides=SMALL, workdir=str(workdir))
+    return workdir, result
+
+
+def test_build_index_flow_ingests_caches_and_indexes(built, pets_video):
+    workdir, result = built
+    assert result["ingest"][0]["added"] == 24
+    assert result["features"]["computed"] == 24
+    assert result["index"]["frames"] == 24
+    assert list((workdir / "features").glob("*/shard-*.safetensors"))
+
+    from flows.build_index import build_index_flow
+
+    again = build_index_flow(sources=[str(pets_video)], overrides=SMALL, workdir=str(workdir))
+    assert again["ingest"][0]["added"] == 0 and again["features"]["computed"] == 0  # nothing recomputed
+    assert again["index"]["version"] == result["index"]["version"]
+
+
+def test_mine_flow_pushes_boxes_and_records_the_run(built, bench_dir, tmp_path):
+    from flows.mine import mine_flow
+    from prefect.client.orchestration import get_client
+
+    workdir, _ = built
+    # Frame index 10 of the test video is MOT frame 121; track 19 walks through the whole clip.
+    report = {"report_id": "flow-test-1", "detector": {"name": "det", "version": "1"},
+              "frame": {"uri": "pets.avi", "frame_index": 10}, "box": pedestrian_box(bench_dir, 121, 19),
+              "class_name": "person", "failure_kind": "false_negative"}
+    report_path = tmp_path / "report.json"
+    report_path.write_text(json.dumps(report))
+
+    result = mine_flow(report_path=str(report_path), overrides=SMALL, workdir=str(workdir))
+    coco = json.loads((workdir / "retraining" / "annotations.json").read_text())
+    assert result["mined"] == len(coco["annotations"]) == 5
+    assert [c["name"] for c in coco["categories"]] == ["person"]
+    for image, ann in zip(coco["images"], coco["annotations"]):
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= image["width"] and y + h <= image["height"]
+        assert ann["objret"]["report_id"] == "flow-test-1"
+        assert (workdir / "retraining" / image["file_name"]).is_file()
+    # The query's own frame is never mined; the other frames of the pedestrian are found with boxes on people.
+    gt = json.loads((bench_dir / "pets09_s2l1" / "annotations.json").read_text())["annotations"]
+    mined = json.loads(Path(result["mined_json"]).read_text())["mined"]
+    on_a_person = 0
+    for item in mined:
+        mot_frame = 101 + 2 * item["frame_index"]
+        boxes = [a["bbox"] for a in gt if a["image_id"] == mot_frame]
+        from objret.metrics import iou_xywh
+        on_a_person += max(iou_xywh(item["box"], b) for b in boxes) >= 0.3
+    assert on_a_person >= 4
+
+    client = mlflow.tracking.MlflowClient(result["tracking_uri"])
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.params["mining.top_k"] == "5"
+    assert run.data.metrics["mined"] == 5
+    assert run.data.tags["dataset_version"] == result["dataset"]["version"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"contact_sheet.png", "mined.json", "report.json"} <= artifacts
+
+    import asyncio
+
+    async def markdown_artifacts():
+        async with get_client() as prefect:
+            return await prefect.read_artifacts()
+
+    assert any("flow-test-1" in (a.data or "") for a in asyncio.run(markdown_artifacts()))
+
+    # Pushing the same report again changes nothing.
+    again = mine_flow(report_path=str(report_path), overrides=SMALL, workdir=str(workdir))
+    assert again["dataset"]["version"] == result["dataset"]["version"]
+    assert again["dataset"]["added"] == 0 and not again["dataset"]["changed"]
+
+
+def test_mine_flow_rejects_a_malformed_report_before_any_work(built, tmp_path):
+    from flows.mine import mine_flow
+    from objret.errors import ReportError
+
+    workdir, _ = built
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"report_id": "x", "box": [1, 2, -3, float("nan")], "failure_kind": "oops"}))
+    with pytest.raises(ReportError) as err:
+        mine_flow(report_path=str(bad), overrides=SMALL, workdir=str(workdir))
+    text = str(err.value)
+    assert "failure_kind" in text and "box" in text and "detector" in text

@@ -13,7 +13,6 @@ fi
 echo "setting up .venv (first run: a few minutes; torch is large)" >&2
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # pip's own config decides where packages come from (PyPI, or a local mirror where one is configured).
-.venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
 .venv/bin/python -m pip install --quiet -r requirements.lock 2>&1 | grep -v "^WARNING: Location" >&2 || true
 .venv/bin/python -m pip install --quiet --no-deps -e . 2>&1 | grep -v "^WARNING: Location" >&2 || true
 .venv/bin/python -c "import objret, torch, torchvision, timm, faiss, prefect, mlflow, dvc, cv2" \

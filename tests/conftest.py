@@ -14,6 +14,12 @@ from pathlib import Path
 
 import pytest
 
+# Prefect binds its console log handler to the streams present when it is first imported: import it now,
+# on pytest's session-long streams, not inside a test whose captured streams are closed afterwards.
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
+
 from objret import storage
 
 # CI clones the repo with shared/ beside it.

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from objret.backbone import build_backbone, pick_device, preprocess
-from objret.features import FeatureCache, cache_features
+from objret.features import FeatureCache, cache_features, forward
 from objret.lake import Lake, load_image
 
 
@@ -46,15 +46,13 @@ def main() -> None:
         # (1) bare forward: tensors prepared beforehand, the same batching and autocast as the cache uses.
         tensors = [preprocess(load_image(f.image_uri), backbone.spec.preprocessing) for f in frames]
         backbone.to(device)
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        with torch.autocast(device.type, dtype=dtype):
-            backbone(torch.stack(tensors[: args.batch_size]).to(device))  # warm-up
-            start = time.perf_counter()
-            for i in range(0, len(tensors), args.batch_size):
-                out = backbone(torch.stack(tensors[i:i + args.batch_size]).to(device))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            bare = time.perf_counter() - start
+        forward(backbone, torch.stack(tensors[: args.batch_size]), device)  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(tensors), args.batch_size):
+            forward(backbone, torch.stack(tensors[i:i + args.batch_size]), device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        bare = time.perf_counter() - start
 
         # (2) the caching path, cold; (3) the same again, warm.
         cache = FeatureCache(Path(tmp) / "features", backbone.spec.cache_key())

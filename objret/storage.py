@@ -16,6 +16,10 @@ from urllib.parse import urlparse
 from objret.errors import StoreError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -77,6 +81,7 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file should get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

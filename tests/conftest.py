@@ -140,3 +140,23 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def real_bench(bench_dir):
+    """The shared bench, loaded once."""
+    from objret.bench import load_bench
+
+    return load_bench(bench_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for modules that run many tiny forward passes: on a shared 2-core machine two
+    OpenMP threads competing with other processes made them about 50x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -2,7 +2,6 @@
 
 import copy
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -11,24 +10,6 @@ from PIL import Image
 from objret.bench import load_bench
 from objret.errors import ObjretError
 
-DEFAULT_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "bench"
-
-
-@lru_cache(maxsize=2)
-def _load_cached(root: str):
-    return load_bench(root)
-
-
-@pytest.fixture
-def real_bench(request):
-    """The shared bench, via the project's ``bench_dir`` fixture when conftest provides one."""
-    try:
-        root = Path(request.getfixturevalue("bench_dir"))
-    except pytest.FixtureLookupError:
-        root = DEFAULT_BENCH
-    if not (root / "queries.json").is_file():
-        pytest.skip(f"bench not found at {root}")
-    return _load_cached(str(root))
 
 
 # --- the real bench -------------------------------------------------------------------------------
@@ -141,11 +122,11 @@ def write_bench(root: Path, content: dict) -> Path:
 
 
 @pytest.fixture
-def tiny_root(tmp_path):
-    """The tiny bench with real JPEG crops of shared-bench images (blank images if it is absent)."""
+def tiny_root(tmp_path, bench_dir):
+    """The tiny bench with real JPEG crops of shared-bench images."""
     root = write_bench(tmp_path / "tiny", tiny_bench_json())
-    sources = sorted((DEFAULT_BENCH / "pets09_s2l1" / "images").glob("*.jpg"))[:8] + \
-        sorted((DEFAULT_BENCH / "coco_mini" / "images").glob("*.jpg"))[:5]
+    sources = sorted((bench_dir / "pets09_s2l1" / "images").glob("*.jpg"))[:8] + \
+        sorted((bench_dir / "coco_mini" / "images").glob("*.jpg"))[:5]
     targets = [root / "street" / "images" / f"{i:06d}.jpg" for i in STREET_IDS] + \
         [root / "photos" / "images" / f"{i}.jpg" for i in PHOTO_IDS]
     for n, target in enumerate(targets):

@@ -20,6 +20,8 @@ from objret.errors import ObjretError
 from objret.features import FeatureCache, cache_features, extract_maps
 from objret.lake import Lake, load_image
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_SIDE = 256
 SHARD_SIZE = 4
 LAYERS = ("stride16", "stride32")
@@ -36,16 +38,6 @@ BENCH_FILES = [*(f"tud_campus/images/{i:06d}.jpg" for i in range(1, 8)),
 
 class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing on the way may catch it and carry on."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine 2 OpenMP threads competing with other processes made
-    forward passes about 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

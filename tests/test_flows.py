@@ -4,12 +4,10 @@ recorded in MLflow and as a Prefect artifact."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import cv2
 import mlflow
-import numpy as np
 import pytest
 
 SMALL = ["features.backbone=efficientnet_lite0", "features.max_side=640", "mining.top_k=5",

@@ -15,21 +15,13 @@ from objret.matching import MapStack, heatmap_for, match_template
 from objret.metrics import iou_xywh
 from objret.pooling import box_template, box_to_cells, gem
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_SIDE = 320
 LAYER = "stride16"
 SCALES = (0.5, 1.0, 2.0)
 # Where the clock is pasted into the tud_stadtmitte frame: not on the 32 px cell grid of a 640 px frame.
 PASTE_XY = (413, 261)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine 2 OpenMP threads competing with other processes made
-    forward passes about 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 import json
 import math
 import re
-from functools import lru_cache
-from pathlib import Path
 
 import pytest
 
@@ -13,24 +11,6 @@ from objret.metrics import (
     average_precision, compare_table, evaluate, flat_metrics, format_table, iou_xywh, recall_at_k,
 )
 
-DEFAULT_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "bench"
-
-
-@lru_cache(maxsize=2)
-def _load_cached(root: str):
-    return load_bench(root)
-
-
-@pytest.fixture
-def real_bench(request):
-    """The shared bench, via the project's ``bench_dir`` fixture when conftest provides one."""
-    try:
-        root = Path(request.getfixturevalue("bench_dir"))
-    except pytest.FixtureLookupError:
-        root = DEFAULT_BENCH
-    if not (root / "queries.json").is_file():
-        pytest.skip(f"bench not found at {root}")
-    return _load_cached(str(root))
 
 
 # --- pure functions ------------------------------------------------------------------------------

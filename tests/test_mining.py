@@ -17,6 +17,8 @@ from objret.metrics import iou_xywh
 from objret.mining import LakeMaps, QueryObject, collapse_near_duplicates, rank
 from objret.pooling import gem
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BOX = [100.0, 100.0, 50.0, 80.0]
 
 
@@ -97,16 +99,6 @@ def test_min_iou_threshold_is_inclusive():
 
 
 # ---- rank over real maps ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine 2 OpenMP threads competing with other processes made
-    forward passes about 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -77,3 +77,31 @@ def test_eval_ranks_every_gallery_image_with_a_box_and_scores_both_methods(bench
     # The TUD pedestrians are found far above chance by template matching (chance AP here is about 0.5).
     video = [g for g in metrics["groups"] if g["name"] == "instance/video-sets"][0]
     assert video["mAP"] > 0.6
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_demo_builds_a_lake_from_a_video_and_mines_a_report(bench_dir, tmp_path, capsys):
+    import cv2
+
+    video = tmp_path / "walkway.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 7, (768, 576))
+    for n in range(101, 141, 2):  # 20 real PETS frames
+        writer.write(cv2.imread(str(bench_dir / "pets09_s2l1" / "images" / f"{n:06d}.jpg")))
+    writer.release()
+    ann = json.loads((bench_dir / "pets09_s2l1" / "annotations.json").read_text())
+    box = next(a["bbox"] for a in ann["annotations"] if a["image_id"] == 121 and a["track_id"] == 19)
+    report = json.loads(SAMPLE_REPORT.read_text())
+    report.update(frame={"uri": "walkway.avi", "frame_index": 10}, box=box, report_id="demo-test")
+    report_path = tmp_path / "report.json"
+    report_path.write_text(json.dumps(report))
+
+    workdir = tmp_path / "work"
+    assert main(["demo", str(video), "--report", str(report_path), "--workdir", str(workdir), *SMALL,
+                 "--set", "lake.video_every_n=1", "--set", "mining.top_k=8"]) == 0
+    out = capsys.readouterr().out
+    assert "mined 8 frames for report demo-test" in out
+    sheet = workdir / "runs" / "mine-demo-test" / "contact_sheet.png"
+    assert f"contact sheet      : {sheet}" in out and sheet.is_file()
+    assert str(workdir / "retraining") in out and "MLflow run" in out
+    coco = json.loads((workdir / "retraining" / "annotations.json").read_text())
+    assert len(coco["annotations"]) == 8

@@ -1,7 +1,8 @@
-"""Flow ``build-index``: ingest the lake sources -> cache dense features -> build the frame index."""
+"""Flow ``build-index``: ingest the lake sources -> cache dense features -> regions -> whitening -> region index."""
 
 from __future__ import annotations
 
+import mlflow
 from prefect import flow
 
 from objret.config import load_params
@@ -18,8 +19,9 @@ def build_index_flow(sources: list[str] | None = None, params_path: str | None =
     with mlflow_run(ws, "build-index", {"flow": "build-index"}) as run:
         ingested = steps.ingest(ws, sources)
         cached = steps.features(ws)
+        found = steps.regions(ws)
+        whitening = steps.whitening(ws)
         indexed = steps.index(ws)
-        import mlflow
-        mlflow.set_tag("index_version", indexed["version"])
-        return {"ingest": ingested, "features": cached, "index": indexed, "mlflow_run_id": run.info.run_id,
-                "workdir": str(ws.root)}
+        mlflow.set_tags({"index_version": indexed["version"], "whitening_version": whitening or "none"})
+        return {"ingest": ingested, "features": cached, "regions": found, "whitening": whitening,
+                "index": indexed, "mlflow_run_id": run.info.run_id, "workdir": str(ws.root)}

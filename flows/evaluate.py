@@ -31,12 +31,15 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
                   overrides: list[str] | None = None, workdir: str | None = None) -> dict:
     ws = Workspace(load_params(params_path, overrides), workdir)
     bench = load_bench(bench_dir)
-    methods = methods or [ws.params.section("mining").get("method", "dtm"), "gem"]
+    methods = methods or [ws.params.section("mining").get("method", "fused"), "gem"]
     mining_params = {**ws.params.section("mining"), "gem_p": ws.params.section("index").get("gem_p", 3.0)}
     with mlflow_run(ws, f"eval {Path(bench_dir).name}", {"flow": "evaluate", "bench": str(bench_dir)}):
         steps.ingest(ws, [str(Path(bench_dir, s).resolve()) for s in bench.sets])
         steps.features(ws)
-        runs = evaluate_methods(bench, ws.lake, ws.cache, methods, mining_params)
+        steps.regions(ws)
+        steps.whitening(ws)
+        runs = evaluate_methods(bench, ws.lake, ws.cache, methods, mining_params, regions=ws.region_store.load(),
+                                region_params=dict(ws.params.section("regions")), whitening=ws.load_whitening())
         summary = {}
         for i, run in enumerate(runs):
             out = results_path_for(results, run.method, i == 0)

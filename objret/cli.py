@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate mining methods on a bench folder")
     p.add_argument("--bench", required=True, help="folder in the bench format (queries.json + sets)")
     p.add_argument("--results", required=True, help="where to write the default method's ranked results (JSON)")
-    p.add_argument("--methods", default=None, help="comma-separated methods; first is the default (dtm,gem)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (fused, regions, dtm, gem, rmac); the first is the default (default: mining.method,gem)")
     _common(p)
 
     p = sub.add_parser("demo", help="the main job: PETS 2009 video (or SOURCE) -> index -> mine the sample report")

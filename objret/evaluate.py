@@ -60,13 +60,19 @@ def run_method(method: str, bench: Bench, frame_of: dict, lake_maps, query_maps:
 
 
 def evaluate_methods(bench: Bench, lake, cache: FeatureCache, methods: list[str], mining_params: dict,
-                     progress: bool = True) -> list[MethodRun]:
+                     progress: bool = True, regions=None, region_params: dict | None = None,
+                     whitening=None) -> list[MethodRun]:
+    """Every method over the same cached maps; ``regions`` (a RegionTable) is needed by fused/regions."""
     frame_of = bench_frame_ids(bench, lake)
     frames = {f.frame_id: f for f in lake.frames()}
-    ids = sorted(set(frame_of.values()), key=list(frames).index)
+    position = {fid: i for i, fid in enumerate(frames)}
+    ids = sorted(set(frame_of.values()), key=position.__getitem__)
+    if regions is None and {"fused", "regions"} & set(methods):
+        raise ObjretError("methods fused/regions need the lake's regions: run the regions step first")
     lake_maps = load_lake_maps(cache, [frames[i] for i in ids], mining_params["layer"],
-                               gem_p=mining_params.get("gem_p", 3.0))
-    layers = sorted({mining_params["layer"], "stride32"})
+                               gem_p=mining_params.get("gem_p", 3.0), regions=regions,
+                               region_params=region_params, whitening=whitening, with_rmac="rmac" in methods)
+    layers = sorted({mining_params["layer"], "stride32", (region_params or {}).get("layer", "stride32")})
 
     def query_maps(frame_id: str) -> dict:
         return {layer: cache.load([frame_id], layer)[frame_id] for layer in layers}

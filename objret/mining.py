@@ -1,8 +1,12 @@
 """Mining: rank lake frames for a query object (a frame + a box) and keep a budget of distinct frames.
 
 Methods share one interface so evaluation compares them over the same cached maps:
-  - ``dtm``: deep template matching of the box's template over every candidate's dense map;
-  - ``gem``: whole-image GeM of the query frame against whole-image GeM of each frame (baseline).
+  - ``fused`` (default): candidates from the region descriptors (a frame scores as its best region), re-ranked
+    by deep template matching on their dense maps, the evidence summed with weights into one score;
+  - ``regions``: the region descriptors alone (best region per frame, the region's box);
+  - ``dtm``: deep template matching of the box's template over every frame's dense map (baseline);
+  - ``gem``: whole-image GeM of the query frame against whole-image GeM of each frame (baseline);
+  - ``rmac``: whole-image R-MAC (uniform regions max-pooled, summed) against the same of each frame (baseline).
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import numpy as np
 from objret.metrics import iou_xywh
 from objret.matching import MapStack, heatmap_for, match_template
 from objret.pooling import box_template, box_to_cells, gem
+from objret.regions import FrameRegions, pool_regions, uniform_regions, whole_region
 
-METHODS = ("dtm", "gem")
+METHODS = ("fused", "regions", "dtm", "gem", "rmac")
 
 
 @dataclass
@@ -40,11 +45,32 @@ class Ranking:
 
 
 @dataclass
+class RegionVectors:
+    """The lake's region descriptors aligned with a MapStack: ``owner[i]`` is the stack row of region i."""
+
+    vectors: np.ndarray          # R x d, L2-normalised (whitened when a whitening is given)
+    owner: np.ndarray            # R int, rows of stack.frame_ids
+    boxes: np.ndarray            # R x 4, pixels of the owning frame
+    layer: str
+    pooling: str
+    whitening: object | None = None  # objret.whitening.Whitening
+
+    def encode(self, descriptors: np.ndarray) -> np.ndarray:
+        """Raw pooled descriptors -> the vectors' space (whitened, or L2 only)."""
+        if self.whitening is not None:
+            return self.whitening.apply(descriptors)
+        d = np.atleast_2d(descriptors).astype(np.float32)
+        return d / (np.linalg.norm(d, axis=1, keepdims=True) + 1e-12)
+
+
+@dataclass
 class LakeMaps:
-    """What the methods read: a MapStack for template matching and whole-frame GeM vectors."""
+    """What the methods read: a MapStack for template matching, whole-frame vectors, region vectors."""
 
     stack: MapStack
     global_vectors: np.ndarray           # N x D, rows follow stack.frame_ids
+    regions: RegionVectors | None = None
+    rmac_vectors: np.ndarray | None = None  # N x D whole-image R-MAC, for the baseline
 
 
 def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: int, scales,
@@ -68,13 +94,107 @@ def rank_gem(query: QueryObject, lake: LakeMaps, *, global_layer: str, gem_p: fl
     return Ranking(lake.stack.frame_ids, scores.astype(np.float32), boxes.astype(np.float32))
 
 
+def query_region_vector(query: QueryObject, regions: RegionVectors) -> np.ndarray:
+    fmap = query.maps[regions.layer]
+    cells = np.asarray(box_to_cells(query.box, query.image_size, fmap.shape[-2:]), np.float32)
+    return regions.encode(pool_regions(fmap, cells[None], regions.pooling))[0]
+
+
+def best_region_per_frame(query: QueryObject, lake: LakeMaps) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's best region similarity and that region's box (frames without regions: -1, whole frame)."""
+    regions = lake.regions
+    sims = regions.vectors @ query_region_vector(query, regions)
+    n = len(lake.stack)
+    order = np.lexsort((-sims, regions.owner))  # per owner, best first
+    first = order[np.r_[True, regions.owner[order][1:] != regions.owner[order][:-1]]]
+    scores = np.full(n, -1.0, np.float32)
+    boxes = _whole_frame_boxes(lake)
+    scores[regions.owner[first]] = sims[first]
+    boxes[regions.owner[first]] = regions.boxes[first]
+    return scores, boxes
+
+
+def _whole_frame_boxes(lake: LakeMaps) -> np.ndarray:
+    sizes = lake.stack.image_sizes
+    return np.stack([np.zeros(len(sizes)), np.zeros(len(sizes)), sizes[:, 0], sizes[:, 1]], 1).astype(np.float32)
+
+
+def rank_regions(query: QueryObject, lake: LakeMaps, *, global_weight: float = 0.0, gem_p: float = 3.0) -> Ranking:
+    scores, boxes = best_region_per_frame(query, lake)
+    if global_weight:
+        scores = scores + global_weight * (lake.global_vectors @ gem(query.maps["stride32"], gem_p))
+    return Ranking(lake.stack.frame_ids, scores.astype(np.float32), boxes)
+
+
+def rank_fused(query: QueryObject, lake: LakeMaps, *, candidates: int, weights: dict, layer: str,
+               template_cells: int, scales, gem_p: float = 3.0, keep_heatmaps: int = 0) -> Ranking:
+    """Region evidence for every frame; template matching on the best ``candidates``; one weighted score.
+
+    Frames left out of the re-ranking keep their region evidence plus the lowest template score seen, so they
+    stay below re-ranked frames with the same region evidence.
+    """
+    region, boxes = best_region_per_frame(query, lake)
+    glob = lake.global_vectors @ gem(query.maps["stride32"], gem_p)
+    order = np.argsort(-(region + weights.get("global", 0.0) * glob), kind="stable")
+    shortlist = order[:candidates]
+    fmap = query.maps[layer]
+    template = box_template(fmap, query.box, query.image_size, template_cells)
+    _, _, w_cells, h_cells = box_to_cells(query.box, query.image_size, fmap.shape[-2:])
+    matched = match_template(template, (h_cells, w_cells), lake.stack.subset(shortlist), scales)
+    template_scores = np.full(len(region), matched.scores.min() if len(shortlist) else 0.0, np.float32)
+    template_scores[shortlist] = matched.scores
+    boxes[shortlist] = matched.boxes
+    fused = (weights.get("region", 1.0) * _standardized(region, shortlist)
+             + weights.get("template", 1.0) * _standardized(template_scores, shortlist)
+             + weights.get("global", 0.0) * _standardized(glob, shortlist))
+    ranking = Ranking(lake.stack.frame_ids, fused.astype(np.float32), boxes)
+    sub = lake.stack.subset(shortlist)
+    for j in np.argsort(-fused[shortlist], kind="stable")[:keep_heatmaps]:
+        i = shortlist[j]
+        fid = lake.stack.frame_ids[i]
+        ranking.heatmaps[fid] = heatmap_for(matched, j, sub)
+        ranking.evidence[fid] = {"region": float(region[i]), "template": float(template_scores[i]),
+                                 "global": float(glob[i])}
+    return ranking
+
+
+def _standardized(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Scores in units of their spread over the re-ranked frames, so that evidence of different kinds
+    (cosines of pooled regions, mean cosines of template cells) adds up on a common scale."""
+    ref = scores[reference]
+    return (scores - ref.mean()) / (ref.std() + 1e-6)
+
+
+def rank_rmac(query: QueryObject, lake: LakeMaps) -> Ranking:
+    fmap = query.maps["stride32"]
+    vector = rmac(fmap)
+    return Ranking(lake.stack.frame_ids, (lake.rmac_vectors @ vector).astype(np.float32), _whole_frame_boxes(lake))
+
+
+def rmac(feature_map: np.ndarray, levels: int = 3) -> np.ndarray:
+    """Whole-image R-MAC (Tolias et al.): L2-normalised MACs of the uniform regions, summed, L2-normalised."""
+    boxes = FrameRegions.concat([whole_region(feature_map.shape[-2:]),
+                                 uniform_regions(feature_map.shape[-2:], levels)]).boxes
+    total = pool_regions(feature_map, boxes, "max").sum(axis=0)
+    return (total / (np.linalg.norm(total) + 1e-12)).astype(np.float32)
+
+
 def rank(method: str, query: QueryObject, lake: LakeMaps, params, keep_heatmaps: int = 0) -> Ranking:
-    """Rank every frame of ``lake`` for ``query`` with ``method``; ``params`` is the mining + index sections."""
+    """Rank every frame of ``lake`` for ``query`` with ``method``; ``params`` is the mining section (+ gem_p)."""
+    gem_p = params.get("gem_p", 3.0)
+    if method == "fused":
+        return rank_fused(query, lake, candidates=int(params.get("rerank", 200)), weights=dict(params["weights"]),
+                          layer=params["layer"], template_cells=params["template_cells"],
+                          scales=tuple(params["scales"]), gem_p=gem_p, keep_heatmaps=keep_heatmaps)
+    if method == "regions":
+        return rank_regions(query, lake, global_weight=dict(params["weights"]).get("global", 0.0), gem_p=gem_p)
     if method == "dtm":
         return rank_dtm(query, lake, layer=params["layer"], template_cells=params["template_cells"],
                         scales=tuple(params["scales"]), keep_heatmaps=keep_heatmaps)
     if method == "gem":
-        return rank_gem(query, lake, global_layer="stride32", gem_p=params.get("gem_p", 3.0))
+        return rank_gem(query, lake, global_layer="stride32", gem_p=gem_p)
+    if method == "rmac":
+        return rank_rmac(query, lake)
     raise ValueError(f"unknown mining method {method!r}; choose one of {', '.join(METHODS)}")
 
 

@@ -12,17 +12,20 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from objret import storage
 from objret.contact_sheet import contact_sheet, save_png
 from objret.dataset import MinedFrame, PushResult, push
 from objret.errors import ObjretError
 from objret.features import CacheResult, cache_features, extract_maps
-from objret.index import GlobalIndex
+from objret.region_index import RegionIndex
+from objret.regions import frame_regions, pool_regions
+from objret.whitening import Whitening, fit_whitening
 from objret.lake import Frame, IngestResult, load_image
-from objret.lakemaps import load_lake_maps
+from objret.lakemaps import load_lake_maps, region_vectors
 from objret.mining import QueryObject, collapse_near_duplicates, rank
-from objret.pooling import box_descriptor, gem
+from objret.pooling import box_to_cells
 from objret.report import FailureReport, check_box_in_frame
 from objret.workspace import Workspace
 
@@ -43,25 +46,99 @@ def features(ws: Workspace, progress: bool = True) -> CacheResult:
 
 
 @dataclass
-class IndexResult:
-    frames: int
-    version: str
+class RegionsResult:
+    extracted: int
+    already_stored: int
+    regions: int
     directory: str
 
 
-def build_index(ws: Workspace) -> IndexResult:
-    """Whole-frame GeM vectors of every cached frame in an exact faiss index (rebuilt from the cache)."""
-    gem_p = float(ws.params.section("index").get("gem_p", 3.0))
+def regions(ws: Workspace, progress: bool = True) -> RegionsResult:
+    """Regions and raw descriptors of every cached frame not stored yet, from the sources in params.yaml."""
+    rp = ws.params.section("regions")
+    store = ws.region_store
+    done = store.stored_ids()
     cached = ws.cache.cached_ids()
-    frames = [f for f in ws.lake.frames() if f.frame_id in cached]
-    if not frames:
-        raise ObjretError("no cached frames to index: run ingest and features first")
-    maps = ws.cache.load([f.frame_id for f in frames], "stride32")
-    vectors = np.stack([gem(maps[f.frame_id], gem_p) for f in frames])
-    index = GlobalIndex(vectors.shape[1])
-    index.add([f.frame_id for f in frames], vectors)
-    index.save(ws.index_dir)
-    return IndexResult(len(index), index_version(index.frame_ids), str(ws.index_dir))
+    todo = [f for f in ws.lake.frames() if f.frame_id in cached and f.frame_id not in done]
+    proposer = None
+    if "detector" in rp.get("sources", []):
+        from objret.detector import BoxProposer
+
+        det = rp.get("detector", {})
+        proposer = BoxProposer(score_threshold=float(det.get("score_threshold", 0.05)),
+                               max_boxes=int(det.get("max_boxes", 30)))
+    batch = int(rp.get("batch", 256))
+    count = 0
+    for start in tqdm(range(0, len(todo), batch), desc="regions", unit="batch", disable=not progress):
+        chunk = todo[start:start + batch]
+        maps = ws.cache.load([f.frame_id for f in chunk], rp.get("layer", "stride32"))
+        per_frame = {}
+        for frame in chunk:
+            fmap = maps[frame.frame_id]
+            detections = (proposer.propose(load_image(frame.image_uri, ws.s3_endpoint_url))
+                          if proposer is not None else None)
+            found = frame_regions(fmap, rp, image_size=(frame.width, frame.height), detections=detections)
+            per_frame[frame.frame_id] = (found, pool_regions(fmap, found.boxes, rp.get("pooling", "avg")),
+                                         tuple(fmap.shape[-2:]))
+            count += len(found)
+        store.write(per_frame)
+    return RegionsResult(len(todo), len(done), count, str(store.dir))
+
+
+def whitening(ws: Workspace) -> str | None:
+    """Fit PCA-whitening on the lake's region descriptors once (when enabled); returns its version."""
+    w = ws.params.section("regions").get("whitening", {})
+    if not w.get("enabled"):
+        return None
+    if ws.whitening_path.exists():
+        return Whitening.load(str(ws.whitening_path)).version()
+    table = ws.region_store.load()
+    sample = table.descriptors
+    limit = int(w.get("max_samples", 200_000))
+    if len(sample) > limit:  # a seeded sample: the fit is stable long before millions of regions
+        sample = sample[np.random.default_rng(0).choice(len(sample), limit, replace=False)]
+    fitted = fit_whitening(sample, int(w.get("dim", 256)), float(w.get("shrinkage", 0.0)))
+    return fitted.save(str(ws.whitening_path))
+
+
+@dataclass
+class IndexResult:
+    frames: int
+    regions: int
+    version: str
+    directory: str
+    bytes_per_region: float
+
+
+def build_index(ws: Workspace) -> IndexResult:
+    """The region index: every stored region of the lake, encoded (whitened when enabled), frames added once.
+
+    New frames are added to the existing index; a change of whitening rebuilds it.
+    """
+    whitening_obj = ws.load_whitening()
+    directory = ws.current_index_dir()
+    ip = ws.params.section("index")
+    try:
+        index = RegionIndex.load(directory)
+    except ObjretError:
+        index = None
+    table = ws.region_store.load()
+    frames = {f.frame_id: f for f in ws.lake.frames()}
+    indexed = set(index.frame_ids) if index is not None else set()
+    new = [fid for fid in table.frame_ids if fid in frames and fid not in indexed]
+    vectors = None
+    if new:
+        table = table.select(new)
+        vectors = region_vectors(table, [frames[f] for f in new], ws.params.section("regions").get("layer", "stride32"),
+                                 ws.params.section("regions").get("pooling", "avg"), whitening_obj)
+        if index is None:
+            index = RegionIndex(vectors.vectors.shape[1], kind=ip.get("region_kind", "auto"),
+                                flat_max=int(ip.get("flat_max", 200_000)))
+        index.add([new[o] for o in vectors.owner], vectors.vectors, vectors.boxes,
+                  {"saliency": table.scores[np.argsort(table.owner, kind="stable")]})
+        index.save(directory)
+    return IndexResult(index.n_frames, len(index), index_version(sorted(index.frame_ids)), str(directory),
+                       index.bytes_per_region())
 
 
 def index_version(frame_ids: list[str]) -> str:
@@ -117,27 +194,30 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
     timings = {}
     t0 = time.perf_counter()
     query, query_info = query_object(ws, report)
-    index = GlobalIndex.load(ws.index_dir)
+    index = RegionIndex.load(ws.current_index_dir())
     frames = {f.frame_id: f for f in ws.lake.frames()}
-    candidates = int(m.get("candidates", 5000))
-    if candidates < len(index):
-        vector = box_descriptor(query.maps["stride32"], query.box, query.image_size,
-                                float(ws.params.section("index").get("gem_p", 3.0)))
-        candidate_ids, _ = index.search(vector, candidates)
-    else:
-        candidate_ids = list(index.frame_ids)
-    candidate_ids = [fid for fid in candidate_ids if fid in frames and fid != query_info["frame_id"]]
+    rp = ws.params.section("regions")
+    whitening_obj = ws.load_whitening()
+    fmap = query.maps[rp.get("layer", "stride32")]
+    cells = np.asarray(box_to_cells(query.box, query.image_size, fmap.shape[-2:]), np.float32)
+    raw = pool_regions(fmap, cells[None], rp.get("pooling", "avg"))
+    vector = whitening_obj.apply(raw)[0] if whitening_obj else raw[0] / (np.linalg.norm(raw[0]) + 1e-12)
+    hits = index.best_frames(vector, int(m.get("rerank", 200)) + 1)
+    candidate_ids = [h.frame_id for h in hits if h.frame_id in frames and h.frame_id != query_info["frame_id"]]
     if not candidate_ids:
         raise ObjretError("the index holds no frame to mine besides the query: ingest a lake first")
     timings["query_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    lake_maps = load_lake_maps(ws.cache, [frames[i] for i in candidate_ids], m.get("layer", "stride16"))
+    lake_maps = load_lake_maps(ws.cache, [frames[i] for i in candidate_ids], m.get("layer", "stride16"),
+                               regions=ws.region_store.load(candidate_ids), region_params=rp,
+                               whitening=whitening_obj, with_rmac=m.get("method") == "rmac")
     timings["load_maps_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     top_k = int(m.get("top_k", 50))
     method = m.get("method", "dtm")
-    ranking = rank(method, query, lake_maps, {**m, "gem_p": ws.params.section("index").get("gem_p", 3.0)},
+    ranking = rank(method, query, lake_maps, {**m, "rerank": len(candidate_ids),
+                                              "gem_p": ws.params.section("index").get("gem_p", 3.0)},
                    keep_heatmaps=top_k * 4)
     timings["rank_s"] = time.perf_counter() - t2
 
@@ -161,7 +241,7 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
     save_png(_contact_sheet(ws, query_info, kept[:20], report), str(sheet))
 
     timings["total_s"] = time.perf_counter() - t0
-    provenance = {"backbone": ws.backbone.spec.cache_key(), "index_version": index_version(index.frame_ids),
+    provenance = {"backbone": ws.backbone.spec.cache_key(), "index_version": index_version(sorted(index.frame_ids)),
                   "method": method}
     return MiningOutcome(report.report_id, query_info, kept, provenance, str(run_dir), str(sheet), str(mined_json),
                          timings, len(candidate_ids))

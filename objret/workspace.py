@@ -35,6 +35,35 @@ class Workspace:
     def index_dir(self) -> Path:
         return self.root / "index" / self.backbone.spec.cache_key()
 
+    @property
+    def region_store(self):
+        from objret.region_store import RegionStore, params_key
+
+        rp = self.params.section("regions")
+        key = params_key({k: rp.get(k) for k in ("layer", "sources", "uniform_levels", "pooling", "egm", "detector")})
+        return RegionStore(self.root / "regions" / f"{self.backbone.spec.cache_key()}-{key}")
+
+    @property
+    def whitening_path(self) -> Path:
+        w = self.params.section("regions").get("whitening", {})
+        return self.root / "whitening" / f"{self.region_store.dir.name}-d{w.get('dim', 256)}-s{w.get('shrinkage', 0.0)}.npz"
+
+    def load_whitening(self):
+        """The fitted whitening when enabled (None when disabled); enabled but not fitted is an error."""
+        from objret.errors import ObjretError
+        from objret.whitening import Whitening
+
+        if not self.params.section("regions").get("whitening", {}).get("enabled"):
+            return None
+        if not self.whitening_path.exists():
+            raise ObjretError("whitening is enabled but not fitted: run build-index")
+        return Whitening.load(str(self.whitening_path))
+
+    def current_index_dir(self) -> Path:
+        """The region index matching the current regions and whitening parameters."""
+        whitening = self.load_whitening()
+        return self.index_dir / f"regions-{self.region_store.dir.name}-{whitening.version() if whitening else 'l2'}"
+
     def run_dir(self, name: str) -> Path:
         path = self.root / "runs" / name
         path.mkdir(parents=True, exist_ok=True)

@@ -41,11 +41,29 @@ def features(ws: Workspace) -> dict:
     return asdict(result)
 
 
+@task(name="regions", cache_policy=NO_CACHE)
+def regions(ws: Workspace) -> dict:
+    result = pipeline.regions(ws)
+    log_metrics({"regions_frames_extracted": result.extracted, "regions_extracted": result.regions})
+    get_run_logger().info("regions: %d frames extracted (%d regions), %d stored before",
+                          result.extracted, result.regions, result.already_stored)
+    return asdict(result)
+
+
+@task(name="whitening", cache_policy=NO_CACHE)
+def whitening(ws: Workspace) -> str | None:
+    version = pipeline.whitening(ws)
+    get_run_logger().info("whitening: %s", version or "disabled")
+    return version
+
+
 @task(name="index", cache_policy=NO_CACHE)
 def index(ws: Workspace) -> dict:
     result = pipeline.build_index(ws)
-    log_metrics({"index_frames": result.frames})
-    get_run_logger().info("index %s: %d frames in %s", result.version, result.frames, result.directory)
+    log_metrics({"index_frames": result.frames, "index_regions": result.regions,
+                 "index_bytes_per_region": result.bytes_per_region})
+    get_run_logger().info("index %s: %d frames, %d regions in %s", result.version, result.frames, result.regions,
+                          result.directory)
     return asdict(result)
 
 

@@ -98,7 +98,7 @@ def pool_regions(feature_map: np.ndarray, boxes: np.ndarray, pooling: str = "avg
         if not parts:
             raise ValueError(f"unknown pooling {pooling!r}: avg, max or avgmax")
         out.append(np.concatenate([p / (np.linalg.norm(p) + 1e-12) for p in parts]))
-    return np.asarray(out, np.float32).reshape(len(boxes), -1)
+    return np.asarray(out, np.float32).reshape(len(boxes), channels * (2 if pooling == "avgmax" else 1))
 
 
 def cells_to_pixels(boxes: np.ndarray, map_hw: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
@@ -143,7 +143,7 @@ def frame_regions(feature_map: np.ndarray, params: dict, *, image_size: tuple[in
     if "egm" in sources:
         egm = params.get("egm", {})
         found = egm_regions(saliency, sigma=float(egm.get("sigma", 2.5)), tau=float(egm.get("tau", 0.4)),
-                            rho=float(egm.get("rho", 1.0)))
+                            rho=float(egm.get("rho", 5.0)), purge=float(egm.get("purge", 0.5)))
         parts.append(_regions([[r.x, r.y, r.w, r.h] for r in found], "egm"))
     if "detector" in sources and detections is not None:
         cells = [box_to_cells((d.x, d.y, d.w, d.h), image_size, map_hw) for d in detections]

@@ -51,7 +51,8 @@ def frames(bench_dir):
     out = {}
     for name, picked in chosen.items():
         assert len(picked) == PER_SET
-        images = [(f"{name}/{image['id']}", np.asarray(Image.open(bench_dir / name / image["file_name"]).convert("RGB")))
+        images = [(f"{name}/{image['id']}",
+                   np.asarray(Image.open(bench_dir / name / image["file_name"]).convert("RGB")))
                   for image, _ in picked]
         maps = extract_maps(backbone, images, batch_size=1)
         out[name] = []
@@ -142,8 +143,8 @@ def test_egm_parameter_directions(frames):
         counts = [len(egm_regions(saliency, purge=p)) for p in (0.2, 0.5, 0.7)]
         assert counts[0] <= counts[1] <= counts[2], counts
         # a higher mask threshold tau leaves less of the map to cover (003 sec. 4.1)
-        covered = [_cell_mask(saliency.shape, [(r.x, r.y, r.w, r.h) for r in egm_regions(saliency, tau=t, rho=1)]).sum()
-                   for t in (0.4, 0.8)]
+        covered = [_cell_mask(saliency.shape, [(r.x, r.y, r.w, r.h) for r in egm_regions(saliency, tau=t, rho=1)])
+                   .sum() for t in (0.4, 0.8)]
         assert covered[1] < covered[0], covered
 
 

@@ -1,0 +1,90 @@
+"""The method comparison and ablation on a bench folder, one run over the same cached features.
+
+    python benchmarks/bench_ablation.py --bench ../shared/bench --workdir .objret-bench
+
+Baselines (whole-image GeM, whole-image R-MAC, uniform R-MAC regions, plain template matching), the region
+sources one by one and combined, whitening on/off and re-ranking on/off. Writes the table to
+benchmarks/results/bench_ablation.md and every configuration's figures to bench_ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from objret import pipeline
+from objret.bench import load_bench
+from objret.config import load_params
+from objret.evaluate import evaluate_methods
+from objret.metrics import flat_metrics
+from objret.workspace import Workspace
+
+COLUMNS = [("class_mAP", "class mAP"), ("class_area_lt1_mAP", "class <1%"), ("paste_visible_mAP", "paste mAP"),
+           ("paste_visible_Loc10", "paste Loc@10"), ("video_instance_mAP", "video inst mAP"),
+           ("instance_Loc10", "all inst Loc@10")]
+
+# (label, method, parameter overrides)
+CONFIGS = [
+    ("whole-image GeM", "gem", []),
+    ("whole-image R-MAC", "rmac", []),
+    ("uniform R-MAC regions (best region)", "regions",
+     ["regions.sources=[whole,uniform]", "mining.weights={region: 1.0, template: 0.0, global: 0.0}"]),
+    ("plain template matching", "dtm", []),
+    ("regions: whole + EGM", "regions", ["regions.sources=[whole,egm]"]),
+    ("regions: whole + uniform + EGM", "regions", ["regions.sources=[whole,uniform,egm]"]),
+    ("regions: whole + uniform + detector", "regions", ["regions.sources=[whole,uniform,detector]"]),
+    ("regions: whole + uniform + EGM + detector", "regions", ["regions.sources=[whole,uniform,egm,detector]"]),
+    ("  + whitening", "regions", ["regions.sources=[whole,uniform,egm,detector]", "regions.whitening.enabled=true"]),
+    ("  + re-ranking (fused, default)", "fused", ["regions.sources=[whole,uniform,egm,detector]"]),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", default=str(Path(__file__).resolve().parents[2] / "shared" / "bench"))
+    parser.add_argument("--workdir", default=".objret-bench")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="applies to every config")
+    parser.add_argument("--only", default=None, help="comma-separated config numbers to run")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_ablation"))
+    args = parser.parse_args()
+
+    bench = load_bench(args.bench)
+    chosen = [CONFIGS[int(i)] for i in args.only.split(",")] if args.only else CONFIGS
+    rows = []
+    for label, method, overrides in chosen:
+        ws = Workspace(load_params(None, args.overrides + overrides), args.workdir)
+        pipeline.ingest(ws, [str(Path(args.bench, s).resolve()) for s in bench.sets], progress=False)
+        pipeline.features(ws, progress=False)
+        pipeline.regions(ws, progress=False)
+        pipeline.whitening(ws)
+        mining = {**ws.params.section("mining"), "gem_p": ws.params.section("index").get("gem_p", 3.0)}
+        start = time.perf_counter()
+        run = evaluate_methods(bench, ws.lake, ws.cache, [method], mining, progress=False,
+                               regions=ws.region_store.load(), region_params=dict(ws.params.section("regions")),
+                               whitening=ws.load_whitening())[0]
+        figures = flat_metrics(run.report)
+        rows.append({"label": label, "method": method, "overrides": args.overrides + overrides,
+                     "seconds_per_query": run.seconds_per_query, "seconds": time.perf_counter() - start,
+                     **{key: figures.get(key) for key, _ in COLUMNS}})
+        print(f"{label:45s} " + " ".join(f"{name}={figures.get(key, float('nan')):.3f}" for key, name in COLUMNS),
+              flush=True)
+    write(rows, Path(args.out), args)
+
+
+def write(rows: list[dict], out: Path, args) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["| configuration | method | " + " | ".join(name for _, name in COLUMNS) + " | s/query |",
+             "|---|---|" + "---:|" * (len(COLUMNS) + 1)]
+    for row in rows:
+        cells = [f"{row[key]:.3f}" if row[key] is not None else "-" for key, _ in COLUMNS]
+        lines.append(f"| {row['label']} | {row['method']} | " + " | ".join(cells) + f" | {row['seconds_per_query']:.3f} |")
+    command = "python benchmarks/bench_ablation.py --workdir .objret-bench" + "".join(
+        f" --set {o}" for o in args.overrides)
+    out.with_suffix(".md").write_text(f"Command: `{command}`\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -61,7 +61,8 @@ def regions(ws: Workspace, progress: bool = True) -> RegionsResult:
     cached = ws.cache.cached_ids()
     todo = [f for f in ws.lake.frames() if f.frame_id in cached and f.frame_id not in done]
     proposer = None
-    if "detector" in rp.get("sources", []):
+    sources = rp.get("sources", [])
+    if "detector" in sources:
         from objret.detector import BoxProposer
 
         det = rp.get("detector", {})
@@ -75,14 +76,28 @@ def regions(ws: Workspace, progress: bool = True) -> RegionsResult:
         per_frame = {}
         for frame in chunk:
             fmap = maps[frame.frame_id]
-            detections = (proposer.propose(load_image(frame.image_uri, ws.s3_endpoint_url))
-                          if proposer is not None else None)
-            found = frame_regions(fmap, rp, image_size=(frame.width, frame.height), detections=detections)
+            image = load_image(frame.image_uri, ws.s3_endpoint_url) if proposer or "dasr" in sources else None
+            detections = proposer.propose(image) if proposer is not None else None
+            dasr_boxes = _dasr_boxes(ws, image, rp.get("dasr", {})) if "dasr" in sources else None
+            found = frame_regions(fmap, rp, image_size=(frame.width, frame.height), detections=detections,
+                                  dasr_boxes=dasr_boxes)
             per_frame[frame.frame_id] = (found, pool_regions(fmap, found.boxes, rp.get("pooling", "avg")),
                                          tuple(fmap.shape[-2:]))
             count += len(found)
         store.write(per_frame)
     return RegionsResult(len(todo), len(done), count, str(store.dir))
+
+
+def _dasr_boxes(ws: Workspace, image: np.ndarray, params: dict) -> list[tuple[float, float, float, float]]:
+    """DASR* boxes (001) of one frame in the frame's pixels (DASR works on the resized network input)."""
+    from objret.backbone import preprocess
+    from objret.dasr import dasr_regions
+
+    x = preprocess(image, ws.backbone.spec.preprocessing)
+    found = dasr_regions(ws.backbone, x[None], to_layer=params.get("to_layer", "stride16"),
+                         max_peaks=int(params.get("max_peaks", 32)))[0]
+    sx, sy = image.shape[1] / x.shape[-1], image.shape[0] / x.shape[-2]
+    return [(r.box[0] * sx, r.box[1] * sy, r.box[2] * sx, r.box[3] * sy) for r in found]
 
 
 def whitening(ws: Workspace) -> str | None:

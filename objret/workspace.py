@@ -40,7 +40,7 @@ class Workspace:
         from objret.region_store import RegionStore, params_key
 
         rp = self.params.section("regions")
-        key = params_key({k: rp.get(k) for k in ("layer", "sources", "uniform_levels", "pooling", "egm", "detector")})
+        key = params_key({k: rp.get(k) for k in ("layer", "sources", "uniform_levels", "pooling", "egm", "detector", "dasr")})
         return RegionStore(self.root / "regions" / f"{self.backbone.spec.cache_key()}-{key}")
 
     @property

@@ -267,3 +267,29 @@ def test_frame_regions_concat_skips_empty_parts():
     assert len(empty) == 0 and empty.boxes.shape == (0, 4)
     joined = FrameRegions.concat([whole_region((3, 4)), FrameRegions.concat([]), uniform_regions((3, 4), 1)])
     assert joined.sources.tolist()[0] == SOURCES.index("whole") and len(joined) == 1 + len(uniform_regions((3, 4), 1))
+
+
+def test_regions_step_with_dasr_boxes_in_frame_pixels(bench_dir, tmp_path):
+    """The pipeline's regions step runs DASR* on the frame and stores its boxes as regions of the map."""
+    from objret import pipeline
+    from objret.config import load_params
+    from objret.regions import SOURCES
+    from objret.workspace import Workspace
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in ("000000000078.jpg", "000000005529.jpg"):  # a clock and a person, large and clear
+        (folder / name).write_bytes((bench_dir / "coco_mini" / "images" / name).read_bytes())
+    ws = Workspace(load_params(None, ["features.backbone=efficientnet_lite0", "features.max_side=256",
+                                      "regions.sources=[whole,dasr]", "regions.dasr={to_layer: stride16, max_peaks: 8}"]),
+                   tmp_path / "work")
+    pipeline.ingest(ws, [str(folder)], progress=False)
+    pipeline.features(ws, progress=False)
+    result = pipeline.regions(ws, progress=False)
+    table = ws.region_store.load()
+    dasr = table.sources == SOURCES.index("dasr")
+    assert result.extracted == 2 and dasr.sum() >= 2
+    for i in np.flatnonzero(dasr):
+        h, w = table.map_hw[table.owner[i]]
+        x, y, bw, bh = table.boxes[i]
+        assert 0 <= x and 0 <= y and bw > 0 and bh > 0 and x + bw <= w + 1e-3 and y + bh <= h + 1e-3

@@ -63,7 +63,7 @@ def main() -> None:
         start = time.perf_counter()
         run = evaluate_methods(bench, ws.lake, ws.cache, [method], mining, progress=False,
                                regions=ws.region_store.load(), region_params=dict(ws.params.section("regions")),
-                               whitening=ws.load_whitening())[0]
+                               whitening=ws.load_whitening(), backbone=ws.backbone)[0]
         figures = flat_metrics(run.report)
         rows.append({"label": label, "method": method, "overrides": args.overrides + overrides,
                      "seconds_per_query": run.seconds_per_query, "seconds": time.perf_counter() - start,

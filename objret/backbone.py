@@ -19,7 +19,7 @@ from PIL import Image
 from objret.errors import ObjretError
 
 # Feature maps are named by their stride so that methods do not depend on a backbone's layer names.
-LAYER_STRIDES = {"stride16": 16, "stride32": 32}
+LAYER_STRIDES = {"stride8": 8, "stride16": 16, "stride32": 32}
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _efficientnet_lite(variant: str, layers: tuple[str, ...], max_side: int) -> 
             raise ObjretError(f"{weights}: shape of {src_key} {tuple(src.shape)} != {dst_key} {tuple(dst.shape)}")
         mapped[dst_key] = src
     full.load_state_dict(mapped)
-    index = {"stride16": 3, "stride32": 4}
+    index = {"stride8": 2, "stride16": 3, "stride32": 4}
     unknown = set(layers) - set(index)
     if unknown:
         raise ObjretError(f"unknown layers {sorted(unknown)} for efficientnet_{variant}; known: {sorted(index)}")
@@ -123,9 +123,9 @@ def _resnet50(layers: tuple[str, ...], max_side: int, weights_file: str | None) 
         except Exception as exc:  # no internet: say what to do instead
             raise ObjretError("ResNet-50 weights could not be downloaded; set features.resnet50_weights to a "
                               f"local state_dict file ({type(exc).__name__}: {exc})") from exc
-    nodes = {"stride16": "layer3", "stride32": "layer4"}
+    nodes = {"stride8": "layer2", "stride16": "layer3", "stride32": "layer4"}
     extractor = create_feature_extractor(model, return_nodes={nodes[layer]: layer for layer in layers})
-    channels = {"stride16": 1024, "stride32": 2048}
+    channels = {"stride8": 512, "stride16": 1024, "stride32": 2048}
     spec = BackboneSpec("resnet50", layers, {layer: channels[layer] for layer in layers},
                         Preprocessing(max_side, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     return Backbone(extractor, spec, {layer: layer for layer in layers})

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from objret.bench import Bench, load_bench
+from objret.bench import Bench, Query, load_bench
 from objret.errors import ObjretError
 from objret.features import FeatureCache
 from objret.lakemaps import load_lake_maps
 from objret.metrics import EvalReport, evaluate
-from objret.mining import QueryObject, rank
+from objret.lake import load_image
+from objret.mining import rank
+from objret.query import QueryObject, mirrored_view
 
 
 @dataclass
@@ -39,16 +41,14 @@ def bench_frame_ids(bench: Bench, lake) -> dict[tuple[str, int], str]:
     return out
 
 
-def run_method(method: str, bench: Bench, frame_of: dict, lake_maps, query_maps: Callable[[str], dict],
+def run_method(method: str, bench: Bench, frame_of: dict, lake_maps, query_of: Callable[[Query], QueryObject],
                mining_params: dict, progress: bool = True) -> tuple[dict[str, list[dict]], float]:
     """Rank every gallery image of every query with ``method``; results in the bench README's format."""
     row_of = {fid: i for i, fid in enumerate(lake_maps.stack.frame_ids)}
     results: dict[str, list[dict]] = {}
     start = time.perf_counter()
     for q in tqdm(bench.queries, desc=method, unit="query", disable=not progress, dynamic_ncols=True):
-        image = bench.images[q.key]
-        query = QueryObject(query_maps(frame_of[q.key]), (image.width, image.height), q.bbox)
-        ranking = rank(method, query, lake_maps, mining_params)
+        ranking = rank(method, query_of(q), lake_maps, mining_params)
         entries = []
         for key in bench.gallery_keys(q):
             row = row_of[frame_of[key]]
@@ -61,8 +61,9 @@ def run_method(method: str, bench: Bench, frame_of: dict, lake_maps, query_maps:
 
 def evaluate_methods(bench: Bench, lake, cache: FeatureCache, methods: list[str], mining_params: dict,
                      progress: bool = True, regions=None, region_params: dict | None = None,
-                     whitening=None) -> list[MethodRun]:
-    """Every method over the same cached maps; ``regions`` (a RegionTable) is needed by fused/regions."""
+                     whitening=None, backbone=None) -> list[MethodRun]:
+    """Every method over the same cached maps; ``regions`` (a RegionTable) is needed by fused/regions, the
+    ``backbone`` by ``mining.mirror`` (the mirrored query view)."""
     frame_of = bench_frame_ids(bench, lake)
     frames = {f.frame_id: f for f in lake.frames()}
     position = {fid: i for i, fid in enumerate(frames)}
@@ -74,12 +75,19 @@ def evaluate_methods(bench: Bench, lake, cache: FeatureCache, methods: list[str]
                                region_params=region_params, whitening=whitening, with_rmac="rmac" in methods)
     layers = sorted({mining_params["layer"], "stride32", (region_params or {}).get("layer", "stride32")})
 
-    def query_maps(frame_id: str) -> dict:
-        return {layer: cache.load([frame_id], layer)[frame_id] for layer in layers}
+    mirror = bool(mining_params.get("mirror")) and backbone is not None
+
+    def query_of(q: Query) -> QueryObject:
+        fid, image = frame_of[q.key], bench.images[q.key]
+        query = QueryObject({layer: cache.load([fid], layer)[fid] for layer in layers}, (image.width, image.height),
+                            q.bbox)
+        if mirror:
+            query.mirror = mirrored_view(backbone, load_image(str(image.path)), q.bbox)
+        return query
 
     runs = []
     for method in methods:
-        results, spq = run_method(method, bench, frame_of, lake_maps, query_maps, mining_params, progress)
+        results, spq = run_method(method, bench, frame_of, lake_maps, query_of, mining_params, progress)
         runs.append(MethodRun(method, results, evaluate(bench, results), spq))
     return runs
 

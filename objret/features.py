@@ -112,10 +112,25 @@ def forward(backbone: Backbone, batch: torch.Tensor, device: torch.device, autoc
     x = batch.to(device)
     if device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)  # about 2x faster convolutions on CPU
-    # CUDA: fp16 autocast; CPU: bf16 autocast, about twice as fast as fp32 on this kind of CPU.
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+    dtype = autocast_dtype(device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=autocast and dtype is not None):
         return backbone(x)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """fp16 on CUDA; bf16 on a CPU with native bf16 (AVX512-BF16/AMX: ~2x fp32), else None (fp32).
+
+    Without native support bf16 is emulated: 12x slower than fp32 (EfficientNet-Lite2 at 640 px, AVX2 CPU).
+    """
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def extract_maps(backbone: Backbone, images: Sequence[tuple[str, np.ndarray]], batch_size: int = 8,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from objret.pooling import l2n
 
@@ -56,57 +57,101 @@ class MatchResult:
     heatmaps: np.ndarray   # N x H x W (cells, padded), best score over scales per centre; -1 outside the frame
 
 
-def match_template(template: np.ndarray, query_cells_hw: tuple[float, float], stack: MapStack,
-                   scales=(1.0,), chunk: int = 512) -> MatchResult:
+def match_template(templates, query_cells_hw: tuple[float, float], stack: MapStack, scales=(1.0,),
+                   chunk: int = 256, refine_scale: bool = False) -> MatchResult:
     """Match a th x tw x C template whose box spans ``query_cells_hw`` cells against every frame of ``stack``.
 
-    For scale s the footprint spans s * query_cells_hw cells; template cell (i, j) is read at its place in the
-    footprint by bilinear interpolation, so boxes smaller than a cell are matched at sub-cell offsets.
+    ``templates`` is one template or a list of same-shape variants (e.g. the query and its mirror image); a
+    frame scores as its best variant. For scale s the footprint spans s * query_cells_hw cells; template cell
+    (i, j) is read at its place in the footprint by bilinear interpolation, so boxes smaller than a cell are
+    matched at sub-cell offsets. The box is placed at the best centre refined to sub-cell precision (a cell is
+    8-32 px of the frame, and a box half a cell off loses half its IoU on a small object).
     """
-    th, tw, _ = template.shape
-    t = torch.from_numpy(np.ascontiguousarray(template.reshape(th * tw, -1), dtype=np.float32))
+    variants = [templates] if isinstance(templates, np.ndarray) else list(templates)
+    th, tw, _ = variants[0].shape
+    t = torch.from_numpy(np.ascontiguousarray(np.concatenate([v.reshape(th * tw, -1) for v in variants]),
+                                              dtype=np.float32))
     n, _, height, width = stack.maps.shape
-    # Centres on the cell grid; normalised coordinates as grid_sample expects (align_corners=False).
-    ys = (torch.arange(height, dtype=torch.float32) + 0.5)
-    xs = (torch.arange(width, dtype=torch.float32) + 0.5)
+    scales = tuple(float(s) for s in scales)
+    qh, qw = query_cells_hw
     scores = np.empty(n, np.float32)
     boxes = np.empty((n, 4), np.float32)
     heat = np.empty((n, height, width), np.float32)
-    qh, qw = query_cells_hw
     for start in range(0, n, chunk):
-        maps = stack.maps[start:start + chunk]
-        sims = torch.einsum("kc,nchw->nkhw", t, maps)  # cosine of every template cell with every position
-        best = torch.full((len(maps), height, width), -2.0)
-        best_scale = torch.zeros((len(maps), height, width), dtype=torch.long)
-        for si, scale in enumerate(scales):
-            fh, fw = scale * qh, scale * qw
-            total = torch.zeros(len(maps), height, width)
-            for k in range(th * tw):
-                i, j = divmod(k, tw)
-                dy, dx = ((i + 0.5) / th - 0.5) * fh, ((j + 0.5) / tw - 0.5) * fw
-                if abs(dy) < 1e-6 and abs(dx) < 1e-6:
-                    total += sims[:, k]
-                    continue
-                gy = (ys + dy) / height * 2 - 1
-                gx = (xs + dx) / width * 2 - 1
-                grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
-                total += F.grid_sample(sims[:, k:k + 1], grid.expand(len(maps), -1, -1, -1),
-                                       mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
-            total /= th * tw
-            better = total > best
-            best = torch.where(better, total, best)
-            best_scale = torch.where(better, torch.full_like(best_scale, si), best_scale)
-        best = best.masked_fill(~stack.valid[start:start + chunk], -1.0)
-        flat = best.flatten(1)
-        top = flat.argmax(dim=1)
-        scores[start:start + len(maps)] = flat.gather(1, top[:, None])[:, 0].numpy()
-        heat[start:start + len(maps)] = best.numpy()
-        cy, cx = (top // width).numpy() + 0.5, (top % width).numpy() + 0.5
-        chosen = np.asarray(scales, np.float32)[best_scale.flatten(1).gather(1, top[:, None])[:, 0].numpy()]
-        boxes[start:start + len(maps)] = _cells_to_pixels(
-            cx, cy, chosen * qw, chosen * qh, stack.image_sizes[start:start + len(maps)],
-            stack.map_sizes[start:start + len(maps)])
+        stop = min(n, start + chunk)
+        # Cosine of every template cell with every position, template cell first.
+        sims = torch.einsum("kc,nchw->knhw", t, stack.maps[start:stop])
+        per_scale = torch.stack([
+            torch.stack([_layout_mean(sims[v * th * tw:(v + 1) * th * tw], th, tw, s * qh, s * qw)
+                         for v in range(len(variants))]).amax(dim=0)
+            for s in scales], dim=1)
+        per_scale = per_scale.masked_fill(~stack.valid[start:stop, None], -1.0)
+        best, best_scale = per_scale.max(dim=1)
+        top = best.flatten(1).argmax(dim=1)
+        rows = torch.arange(stop - start)
+        cy, cx = top // width, top % width
+        scores[start:stop] = best.flatten(1)[rows, top].numpy()
+        heat[start:stop] = best.numpy()
+        dy = _parabola_offset(best, rows, cy, cx, axis=0)
+        dx = _parabola_offset(best, rows, cy, cx, axis=1)
+        chosen = best_scale[rows, cy, cx].numpy()
+        scale = (_refined_scale(per_scale[rows, :, cy, cx].numpy(), chosen, scales) if refine_scale
+                 else np.asarray(scales, np.float32)[chosen])
+        boxes[start:stop] = _cells_to_pixels(cx.numpy() + 0.5 + dx, cy.numpy() + 0.5 + dy, scale * qw, scale * qh,
+                                             stack.image_sizes[start:stop], stack.map_sizes[start:stop])
     return MatchResult(scores, boxes, heat)
+
+
+def _layout_mean(sims: torch.Tensor, th: int, tw: int, fh: float, fw: float) -> torch.Tensor:
+    """Mean over template cells of their similarity read at their offset in an fh x fw footprint: n x H x W.
+
+    A bilinear read at a constant offset is a weighted sum of four integer shifts of the similarity map, so
+    each cell costs four in-place adds of shifted slices (zero outside the map): ~7x faster than grid_sample.
+    """
+    k, n, height, width = sims.shape
+    out = torch.zeros(n, height, width)
+    for cell in range(k):
+        i, j = divmod(cell, tw)
+        dy, dx = ((i + 0.5) / th - 0.5) * fh, ((j + 0.5) / tw - 0.5) * fw
+        y0, x0 = math.floor(dy), math.floor(dx)
+        fy, fx = dy - y0, dx - x0
+        for oy, wy in ((y0, 1.0 - fy), (y0 + 1, fy)):
+            for ox, wx in ((x0, 1.0 - fx), (x0 + 1, fx)):
+                ys, ye = max(0, -oy), min(height, height - oy)
+                xs, xe = max(0, -ox), min(width, width - ox)
+                if wy * wx > 1e-9 and ys < ye and xs < xe:   # out[p] += w * sims[cell, p + offset]
+                    out[:, ys:ye, xs:xe].add_(sims[cell, :, ys + oy:ye + oy, xs + ox:xe + ox], alpha=wy * wx)
+    return out / k
+
+
+def _parabola_offset(surface: torch.Tensor, rows, cy, cx, axis: int) -> np.ndarray:
+    """Sub-cell offset (in [-0.5, 0.5]) of each peak along one axis, from its two neighbours' scores."""
+    limit = surface.shape[1 + axis]
+    pos = cy if axis == 0 else cx
+    before, after = (pos - 1).clamp(min=0), (pos + 1).clamp(max=limit - 1)
+    at = (lambda p: surface[rows, p, cx]) if axis == 0 else (lambda p: surface[rows, cy, p])
+    left, mid, right = at(before).numpy(), at(pos).numpy(), at(after).numpy()
+    inside = (pos > 0).numpy() & (pos < limit - 1).numpy() & (left > -1) & (right > -1)
+    curvature = left - 2 * mid + right
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(inside & (curvature < 0), 0.5 * (left - right) / curvature, 0.0)
+    return np.clip(offset, -0.5, 0.5).astype(np.float32)
+
+
+def _refined_scale(at_peak: np.ndarray, best: np.ndarray, scales: tuple[float, ...]) -> np.ndarray:
+    """Per frame the scale at the vertex of the parabola (in log scale) through the best scale and its
+    neighbours; the best scale itself at either end of the range."""
+    logs = np.log(np.asarray(scales, np.float64))
+    out = np.asarray(scales, np.float64)[best]
+    for i, b in enumerate(best):
+        if 0 < b < len(scales) - 1:
+            x0, x1, x2 = logs[b - 1:b + 2]
+            y0, y1, y2 = at_peak[i, b - 1:b + 2].astype(np.float64)
+            denominator = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+            if denominator < -1e-12 or denominator > 1e-12:
+                vertex = x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / denominator
+                out[i] = np.exp(np.clip(vertex, x0, x2))
+    return out.astype(np.float32)
 
 
 def _cells_to_pixels(cx, cy, w, h, image_sizes, map_sizes) -> np.ndarray:

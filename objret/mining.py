@@ -17,19 +17,11 @@ import numpy as np
 
 from objret.metrics import iou_xywh
 from objret.matching import MapStack, heatmap_for, match_template
-from objret.pooling import box_template, box_to_cells, gem
+from objret.pooling import box_template, box_to_cells, gem, template_grid
+from objret.query import QueryObject
 from objret.regions import FrameRegions, pool_regions, uniform_regions, whole_region
 
 METHODS = ("fused", "regions", "dtm", "gem", "rmac")
-
-
-@dataclass
-class QueryObject:
-    """The object to mine for: the query frame's maps (per layer), its pixel size and the box."""
-
-    maps: dict[str, np.ndarray]
-    image_size: tuple[int, int]  # width, height
-    box: tuple[float, float, float, float]
 
 
 @dataclass
@@ -75,16 +67,27 @@ class LakeMaps:
 
 def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: int, scales,
              keep_heatmaps: int = 0) -> Ranking:
-    fmap = query.maps[layer]
-    template = box_template(fmap, query.box, query.image_size, template_cells)
-    _, _, w_cells, h_cells = box_to_cells(query.box, query.image_size, fmap.shape[-2:])
-    result = match_template(template, (h_cells, w_cells), lake.stack, scales)
+    templates, footprint = query_templates(query, layer, template_cells)
+    result = match_template(templates, footprint, lake.stack, scales)
     ranking = Ranking(lake.stack.frame_ids, result.scores, result.boxes)
     for i in np.argsort(-result.scores, kind="stable")[:keep_heatmaps]:
         fid = lake.stack.frame_ids[i]
         ranking.heatmaps[fid] = heatmap_for(result, i, lake.stack)
         ranking.evidence[fid] = {"template": float(result.scores[i])}
     return ranking
+
+
+def query_templates(query: QueryObject, layer: str, template_cells: int):
+    """The box's template on ``layer`` (and its mirror view's, when the query has one) and the box's size in
+    cells of that layer: what match_template takes."""
+    fmap = query.maps[layer]
+    _, _, w_cells, h_cells = box_to_cells(query.box, query.image_size, fmap.shape[-2:])
+    grid = template_grid((w_cells, h_cells), template_cells)
+    templates = [box_template(fmap, query.box, query.image_size, grid=grid)]
+    if query.mirror is not None:
+        m = query.mirror
+        templates.append(box_template(m.maps[layer], m.box, m.image_size, grid=grid))
+    return templates, (h_cells, w_cells)
 
 
 def rank_gem(query: QueryObject, lake: LakeMaps, *, global_layer: str, gem_p: float) -> Ranking:
@@ -127,28 +130,42 @@ def rank_regions(query: QueryObject, lake: LakeMaps, *, global_weight: float = 0
 
 
 def rank_fused(query: QueryObject, lake: LakeMaps, *, candidates: int, weights: dict, layer: str,
-               template_cells: int, scales, gem_p: float = 3.0, keep_heatmaps: int = 0) -> Ranking:
-    """Region evidence for every frame; template matching on the best ``candidates``; one weighted score.
+               template_cells: int, scales, gem_p: float = 3.0, keep_heatmaps: int = 0, fusion: str = "sum",
+               small_box: float = 0.0) -> Ranking:
+    """Region evidence for every frame; template matching on a shortlist; one score per frame.
 
-    Frames left out of the re-ranking keep their region evidence plus the lowest template score seen, so they
-    stay below re-ranked frames with the same region evidence.
+    The shortlist is the best ``candidates`` frames by region (+ global) evidence, or every frame when the
+    query box covers less than ``small_box`` of its frame: region descriptors cannot shortlist objects of a
+    few cells (see README, measured). Evidence is standardised over the shortlist and combined by ``fusion``:
+    ``sum`` adds the weighted evidence; ``max`` takes the better of the region (+ global) side and the
+    template side, so either kind of evidence can lift a frame on its own (a class match that looks
+    different, or a small instance that region pooling drowns in context). Frames left out of the
+    re-ranking keep their region evidence plus the lowest template score seen.
     """
     region, boxes = best_region_per_frame(query, lake)
     glob = lake.global_vectors @ gem(query.maps["stride32"], gem_p)
-    order = np.argsort(-(region + weights.get("global", 0.0) * glob), kind="stable")
-    shortlist = order[:candidates]
-    fmap = query.maps[layer]
-    template = box_template(fmap, query.box, query.image_size, template_cells)
-    _, _, w_cells, h_cells = box_to_cells(query.box, query.image_size, fmap.shape[-2:])
-    matched = match_template(template, (h_cells, w_cells), lake.stack.subset(shortlist), scales)
-    template_scores = np.full(len(region), matched.scores.min() if len(shortlist) else 0.0, np.float32)
+    n = len(region)
+    width, height = query.image_size
+    if query.box[2] * query.box[3] < small_box * width * height:
+        shortlist, sub = np.arange(n), lake.stack
+    else:
+        shortlist = np.argsort(-(region + weights.get("global", 0.0) * glob), kind="stable")[:candidates]
+        sub = lake.stack.subset(shortlist)
+    templates, footprint = query_templates(query, layer, template_cells)
+    matched = match_template(templates, footprint, sub, scales)
+    template_scores = np.full(n, matched.scores.min() if len(shortlist) else 0.0, np.float32)
     template_scores[shortlist] = matched.scores
     boxes[shortlist] = matched.boxes
-    fused = (weights.get("region", 1.0) * _standardized(region, shortlist)
-             + weights.get("template", 1.0) * _standardized(template_scores, shortlist)
-             + weights.get("global", 0.0) * _standardized(glob, shortlist))
+    context = (weights.get("region", 1.0) * _standardized(region, shortlist)
+               + weights.get("global", 0.0) * _standardized(glob, shortlist))
+    template = weights.get("template", 1.0) * _standardized(template_scores, shortlist)
+    if fusion == "sum":
+        fused = context + template
+    elif fusion == "max":
+        fused = np.maximum(context, template)
+    else:
+        raise ValueError(f"unknown fusion {fusion!r}: sum or max")
     ranking = Ranking(lake.stack.frame_ids, fused.astype(np.float32), boxes)
-    sub = lake.stack.subset(shortlist)
     for j in np.argsort(-fused[shortlist], kind="stable")[:keep_heatmaps]:
         i = shortlist[j]
         fid = lake.stack.frame_ids[i]
@@ -185,7 +202,8 @@ def rank(method: str, query: QueryObject, lake: LakeMaps, params, keep_heatmaps:
     if method == "fused":
         return rank_fused(query, lake, candidates=int(params.get("rerank", 200)), weights=dict(params["weights"]),
                           layer=params["layer"], template_cells=params["template_cells"],
-                          scales=tuple(params["scales"]), gem_p=gem_p, keep_heatmaps=keep_heatmaps)
+                          scales=tuple(params["scales"]), gem_p=gem_p, keep_heatmaps=keep_heatmaps,
+                          fusion=params.get("fusion", "sum"), small_box=float(params.get("small_box", 0.0)))
     if method == "regions":
         return rank_regions(query, lake, global_weight=dict(params["weights"]).get("global", 0.0), gem_p=gem_p)
     if method == "dtm":

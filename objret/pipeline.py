@@ -24,8 +24,9 @@ from objret.regions import frame_regions, pool_regions
 from objret.whitening import Whitening, fit_whitening
 from objret.lake import Frame, IngestResult, load_image
 from objret.lakemaps import load_lake_maps, region_vectors
-from objret.mining import QueryObject, collapse_near_duplicates, rank
+from objret.mining import collapse_near_duplicates, rank
 from objret.pooling import box_to_cells
+from objret.query import QueryObject, mirrored_view
 from objret.report import FailureReport, check_box_in_frame
 from objret.workspace import Workspace
 
@@ -200,7 +201,11 @@ def query_object(ws: Workspace, report: FailureReport) -> tuple[QueryObject, dic
     box = check_box_in_frame(report.box, *size)
     info = {"uri": uri, "frame_id": frame.frame_id if frame else None, "width": size[0], "height": size[1],
             "box": list(box), "image_uri": frame.image_uri if frame else uri}
-    return QueryObject(maps, size, box), info
+    query = QueryObject(maps, size, box)
+    if ws.params.section("mining").get("mirror"):
+        pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
+        query.mirror = mirrored_view(ws.backbone, pixels, box)
+    return query, info
 
 
 def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningOutcome:

@@ -27,15 +27,22 @@ def box_to_cells(box_xywh, image_size: tuple[int, int], map_size: tuple[int, int
     return x * sx, y * sy, w * sx, h * sy
 
 
-def box_template(feature_map: np.ndarray, box_xywh, image_size: tuple[int, int], max_cells: int = 3) -> np.ndarray:
+def template_grid(box_cells_wh: tuple[float, float], max_cells: int = 3) -> tuple[int, int]:
+    """Template rows x columns for a box of w x h cells: its shape in cells, at most ``max_cells`` a side."""
+    w, h = box_cells_wh
+    return int(np.clip(round(h), 1, max_cells)), int(np.clip(round(w), 1, max_cells))
+
+
+def box_template(feature_map: np.ndarray, box_xywh, image_size: tuple[int, int], max_cells: int = 3,
+                 grid: tuple[int, int] | None = None) -> np.ndarray:
     """The query box pooled to a grid of at most ``max_cells`` per side: th x tw x C, each cell L2-normalised.
 
-    The grid follows the box's shape in cells, so a tall pedestrian gives e.g. 3 x 1 and a one-cell object 1 x 1.
+    The grid follows the box's shape in cells, so a tall pedestrian gives e.g. 3 x 1 and a one-cell object 1 x 1;
+    ``grid`` imposes one (a mirrored view must match the original's layout).
     """
     fmap = torch.as_tensor(np.asarray(feature_map, dtype=np.float32))[None]
     x, y, w, h = box_to_cells(box_xywh, image_size, fmap.shape[-2:])
-    th = int(np.clip(round(h), 1, max_cells))
-    tw = int(np.clip(round(w), 1, max_cells))
+    th, tw = grid or template_grid((w, h), max_cells)
     rois = torch.tensor([[0, x, y, x + w, y + h]], dtype=torch.float32)
     cells = roi_align(fmap, rois, output_size=(th, tw), spatial_scale=1.0, sampling_ratio=2, aligned=True)[0]
     return l2n(cells.permute(1, 2, 0)).numpy()

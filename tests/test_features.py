@@ -167,7 +167,7 @@ def test_cached_maps_equal_a_fresh_extraction(backbone, frames, reference):
             a = cached[layer][fid].astype(np.float32)
             b = fresh[fid][layer].astype(np.float32)
             assert a.shape == b.shape
-            # fp16 storage of bf16-autocast activations: equal to within a few fp16/bf16 steps
+            # fp16 storage (of bf16-autocast activations on CPUs with native bf16): equal to within a few steps
             np.testing.assert_allclose(a, b, rtol=0.02, atol=0.02 * float(np.abs(b).max()))
     # Different frames give different maps (the cache does not mix frames up).
     tud = [f.frame_id for f in frames if f.width == 640 and f.height == 480]
@@ -261,3 +261,14 @@ def test_load_unknown_frame_names_it(reference, frames):
     with pytest.raises(ObjretError, match=unknown):
         cache.load([frames[0].frame_id, unknown], "stride16")
     assert unknown not in cache
+
+
+def test_autocast_only_where_the_hardware_has_the_type(monkeypatch):
+    """bf16 on a CPU without native bf16 is emulated (12x slower than fp32 on an AVX2 CPU): fp32 there."""
+    import objret.features as features
+
+    monkeypatch.setattr(features, "cpu_has_native_bf16", lambda: False)
+    assert features.autocast_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(features, "cpu_has_native_bf16", lambda: True)
+    assert features.autocast_dtype(torch.device("cpu")) is torch.bfloat16
+    assert features.autocast_dtype(torch.device("cuda")) is torch.float16

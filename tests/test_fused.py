@@ -82,7 +82,7 @@ def scene(bench_dir, tmp_path_factory):
                     np.stack([rmac(maps[i]["stride32"]) for i in ids]))
     query = QueryObject(maps["A"], (a.shape[1], a.shape[0]), box)
     mining = dict(load_params().section("mining"))
-    params = {**mining, "scales": [0.5, 1.0, 2.0], "gem_p": 3.0}
+    params = {**mining, "layer": "stride16", "scales": [0.5, 1.0, 2.0], "gem_p": 3.0}
     return SimpleNamespace(ids=ids, lake=lake, query=query, params=params, paste_box=paste_box, box=box,
                            frames=frames, per_frame=per_frame, maps=maps)
 
@@ -135,8 +135,8 @@ def test_fused_puts_the_pasted_frame_first_with_its_box(scene):
 
 def test_frames_outside_the_shortlist_stay_below_it(scene):
     candidates = 5
-    ranking = rank("fused", scene.query, scene.lake, {**scene.params, "rerank": candidates},
-                   keep_heatmaps=candidates)
+    params = {**scene.params, "fusion": "sum"}
+    ranking = rank("fused", scene.query, scene.lake, {**params, "rerank": candidates}, keep_heatmaps=candidates)
     region, region_boxes = best_region_per_frame(scene.query, scene.lake)
     glob = scene.lake.global_vectors @ gem(scene.query.maps["stride32"])
     weight = scene.params["weights"]["global"]
@@ -156,7 +156,7 @@ def test_frames_outside_the_shortlist_stay_below_it(scene):
     assert checked >= 3  # the comparison is not vacuous
 
     # Without global evidence the shortlist is the top by region score, and all of it outranks the rest.
-    no_global = {**scene.params, "rerank": candidates, "weights": {"region": 1.0, "template": 1.0, "global": 0.0}}
+    no_global = {**params, "rerank": candidates, "weights": {"region": 1.0, "template": 1.0, "global": 0.0}}
     ranking = rank("fused", scene.query, scene.lake, no_global, keep_heatmaps=candidates)
     shortlist = [scene.ids.index(f) for f in ranking.heatmaps]
     assert set(shortlist) == set(np.argsort(-region, kind="stable")[:candidates].tolist())
@@ -212,3 +212,35 @@ def test_rmac_is_unit_norm(scene):
         assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
         np.testing.assert_allclose(rmac(fmap.astype(np.float32) * 3.0), vector, atol=1e-5)  # scale-invariant
     assert not np.allclose(rmac(scene.maps["A"]["stride32"]), rmac(scene.maps["zebra"]["stride32"]))
+
+
+def test_small_boxes_are_matched_on_every_frame(scene):
+    """A box under ``small_box`` of its frame skips the region shortlist: every frame gets template evidence,
+    the same as plain template matching gives it."""
+    params = {**scene.params, "rerank": 1, "small_box": 1.0}
+    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(scene.ids))
+    dtm = rank("dtm", scene.query, scene.lake, scene.params)
+    assert set(ranking.evidence) == set(scene.ids)
+    for i, fid in enumerate(scene.ids):
+        assert ranking.evidence[fid]["template"] == pytest.approx(float(dtm.scores[i]), abs=1e-4)
+    assert _order_without(ranking)[0] == "B"
+    # Without small_box the same rerank=1 template-matches one frame only.
+    one = rank("fused", scene.query, scene.lake, {**scene.params, "rerank": 1}, keep_heatmaps=len(scene.ids))
+    assert len(one.evidence) == 1
+
+
+def test_max_fusion_takes_the_better_evidence(scene):
+    params = {**scene.params, "rerank": len(scene.ids), "fusion": "max"}
+    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(scene.ids))
+    summed = rank("fused", scene.query, scene.lake, {**params, "fusion": "sum"}, keep_heatmaps=len(scene.ids))
+    w = scene.params["weights"]
+    z = {}
+    for kind in ("region", "template", "global"):
+        values = np.array([summed.evidence[f][kind] for f in scene.ids])
+        z[kind] = (values - values.mean()) / (values.std() + 1e-6)
+    context = w["region"] * z["region"] + w["global"] * z["global"]
+    np.testing.assert_allclose(ranking.scores, np.maximum(context, w["template"] * z["template"]), atol=1e-4)
+    np.testing.assert_allclose(summed.scores, context + w["template"] * z["template"], atol=1e-4)
+    assert _order_without(ranking)[0] == "B"
+    with pytest.raises(ValueError, match="fusion"):
+        rank("fused", scene.query, scene.lake, {**params, "fusion": "product"})

@@ -205,3 +205,79 @@ def test_box_to_cells_scales_each_axis():
     assert (x, y, w, h) == pytest.approx((10.0, 1.4, 1.0, 2.8))
     # Portrait 480 x 640 on a 20 x 15 map.
     assert box_to_cells((480, 640, 0, 0), (480, 640), (20, 15)) == pytest.approx((15.0, 20.0, 0.0, 0.0))
+
+
+def _grid_sample_layout_mean(sims: torch.Tensor, th: int, tw: int, fh: float, fw: float) -> torch.Tensor:
+    """Reference for the layout sum: every template cell's similarity read with grid_sample at its offset."""
+    import torch.nn.functional as F
+
+    k, n, height, width = sims.shape
+    ys, xs = torch.arange(height) + 0.5, torch.arange(width) + 0.5
+    total = torch.zeros(n, height, width)
+    for cell in range(k):
+        i, j = divmod(cell, tw)
+        dy, dx = ((i + 0.5) / th - 0.5) * fh, ((j + 0.5) / tw - 0.5) * fw
+        grid = torch.stack(torch.meshgrid((ys + dy) / height * 2 - 1, (xs + dx) / width * 2 - 1,
+                                          indexing="ij")[::-1], dim=-1)
+        total += F.grid_sample(sims[cell][:, None], grid.expand(n, -1, -1, -1), mode="bilinear",
+                               padding_mode="zeros", align_corners=False)[:, 0]
+    return total / k
+
+
+@pytest.mark.parametrize("th, tw, fh, fw", [(3, 3, 4.4, 2.6), (1, 1, 0.4, 0.7), (3, 1, 9.5, 1.2), (2, 3, 1.1, 13.0)])
+def test_layout_mean_equals_bilinear_sampling(th, tw, fh, fw):
+    from objret.matching import _layout_mean
+
+    sims = torch.randn(th * tw, 4, 9, 11, generator=torch.Generator().manual_seed(th * 7 + tw))
+    expected = _grid_sample_layout_mean(sims, th, tw, fh, fw)
+    torch.testing.assert_close(_layout_mean(sims, th, tw, fh, fw), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mirror_variant_finds_a_mirrored_paste(scene):
+    """B's paste flipped left-right: the query's mirror view matches it better than the query itself does,
+    and a frame scores as its best variant."""
+    from objret.query import mirrored_view
+
+    backbone = build_backbone("efficientnet_lite0", layers=(LAYER,), max_side=MAX_SIDE)
+    a, clean = scene["images"]["A"], scene["images"]["B_clean"]
+    x, y, w, h = (int(round(v)) for v in scene["box"])
+    px, py = PASTE_XY
+    mirrored = clean.copy()
+    mirrored[py:py + h, px:px + w] = a[y:y + h, x:x + w][:, ::-1]
+    maps = extract_maps(backbone, [("B_mirror", mirrored)], device=torch.device("cpu"))
+    stack = MapStack(["B_mirror", "B_clean"], [maps["B_mirror"][LAYER], scene["maps"]["B_clean"][LAYER]],
+                     [(640, 480), (640, 480)])
+    image_size = (480, 640)
+    view = mirrored_view(backbone, a, scene["box"])
+    assert view.image_size == image_size
+    assert view.box == pytest.approx((480 - scene["box"][0] - scene["box"][2], *scene["box"][1:]))
+    _, _, w_cells, h_cells = box_to_cells(scene["box"], image_size, scene["maps"]["A"][LAYER].shape[-2:])
+    grid = (3, 3)
+    plain = box_template(scene["maps"]["A"][LAYER], scene["box"], image_size, grid=grid)
+    flipped = box_template(view.maps[LAYER], view.box, view.image_size, grid=grid)
+    alone = match_template(plain, (h_cells, w_cells), stack, SCALES)
+    both = match_template([plain, flipped], (h_cells, w_cells), stack, SCALES)
+    mirror_only = match_template(flipped, (h_cells, w_cells), stack, SCALES)
+    assert mirror_only.scores[0] > alone.scores[0] + 0.05, (mirror_only.scores, alone.scores)
+    np.testing.assert_allclose(both.scores, np.maximum(alone.scores, mirror_only.scores), atol=1e-5)
+    assert both.scores[0] - both.scores[1] > 0.25
+    assert iou_xywh(both.boxes[0], (px, py, w, h)) >= 0.5
+
+
+def test_boxes_are_placed_between_cells(scene):
+    """A paste centred on a cell corner (cells are 32 px here): cell centres are all 16 px off on both axes,
+    the refined box centre is closer."""
+    backbone = build_backbone("efficientnet_lite0", layers=(LAYER,), max_side=MAX_SIDE)
+    a, clean = scene["images"]["A"], scene["images"]["B_clean"]
+    x, y, w, h = (int(round(v)) for v in scene["box"])
+    cx, cy = 16 * 32, 10 * 32   # a cell corner
+    px, py = cx - w // 2, cy - h // 2
+    pasted = clean.copy()
+    pasted[py:py + h, px:px + w] = a[y:y + h, x:x + w]
+    maps = extract_maps(backbone, [("corner", pasted)], device=torch.device("cpu"))
+    stack = MapStack(["corner"], [maps["corner"][LAYER]], [(640, 480)])
+    _, _, w_cells, h_cells = box_to_cells(scene["box"], (480, 640), scene["maps"]["A"][LAYER].shape[-2:])
+    template = box_template(scene["maps"]["A"][LAYER], scene["box"], (480, 640), max_cells=3)
+    box = match_template(template, (h_cells, w_cells), stack, (1.0,)).boxes[0]
+    assert abs(box[0] + box[2] / 2 - (px + w / 2)) <= 11, box
+    assert abs(box[1] + box[3] / 2 - (py + h / 2)) <= 11, box

@@ -15,7 +15,7 @@ from objret.features import FeatureCache
 from objret.lakemaps import load_lake_maps
 from objret.metrics import EvalReport, evaluate
 from objret.lake import load_image
-from objret.mining import rank
+from objret.mining import TEMPLATE_METHODS, rank
 from objret.query import QueryObject, mirrored_view
 
 
@@ -77,17 +77,19 @@ def evaluate_methods(bench: Bench, lake, cache: FeatureCache, methods: list[str]
 
     mirror = bool(mining_params.get("mirror")) and backbone is not None
 
-    def query_of(q: Query) -> QueryObject:
-        fid, image = frame_of[q.key], bench.images[q.key]
-        query = QueryObject({layer: cache.load([fid], layer)[fid] for layer in layers}, (image.width, image.height),
-                            q.bbox)
-        if mirror:
-            query.mirror = mirrored_view(backbone, load_image(str(image.path)), q.bbox)
-        return query
+    def query_for(method: str) -> Callable[[Query], QueryObject]:
+        def query_of(q: Query) -> QueryObject:
+            fid, image = frame_of[q.key], bench.images[q.key]
+            query = QueryObject({layer: cache.load([fid], layer)[fid] for layer in layers},
+                                (image.width, image.height), q.bbox)
+            if mirror and method in TEMPLATE_METHODS:   # a backbone pass only where a template is matched
+                query.mirror = mirrored_view(backbone, load_image(str(image.path)), q.bbox)
+            return query
+        return query_of
 
     runs = []
     for method in methods:
-        results, spq = run_method(method, bench, frame_of, lake_maps, query_of, mining_params, progress)
+        results, spq = run_method(method, bench, frame_of, lake_maps, query_for(method), mining_params, progress)
         runs.append(MethodRun(method, results, evaluate(bench, results), spq))
     return runs
 

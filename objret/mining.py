@@ -22,6 +22,7 @@ from objret.query import QueryObject
 from objret.regions import FrameRegions, pool_regions, uniform_regions, whole_region
 
 METHODS = ("fused", "regions", "dtm", "gem", "rmac")
+TEMPLATE_METHODS = ("fused", "dtm")   # the methods that match the query's template (and its mirror view)
 
 
 @dataclass

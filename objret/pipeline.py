@@ -24,7 +24,7 @@ from objret.regions import frame_regions, pool_regions
 from objret.whitening import Whitening, fit_whitening
 from objret.lake import Frame, IngestResult, load_image
 from objret.lakemaps import load_lake_maps, region_vectors
-from objret.mining import collapse_near_duplicates, rank
+from objret.mining import TEMPLATE_METHODS, collapse_near_duplicates, rank
 from objret.pooling import box_to_cells
 from objret.query import QueryObject, mirrored_view
 from objret.report import FailureReport, check_box_in_frame
@@ -202,7 +202,8 @@ def query_object(ws: Workspace, report: FailureReport) -> tuple[QueryObject, dic
     info = {"uri": uri, "frame_id": frame.frame_id if frame else None, "width": size[0], "height": size[1],
             "box": list(box), "image_uri": frame.image_uri if frame else uri}
     query = QueryObject(maps, size, box)
-    if ws.params.section("mining").get("mirror"):
+    m = ws.params.section("mining")
+    if m.get("mirror") and m.get("method", "fused") in TEMPLATE_METHODS:
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
         query.mirror = mirrored_view(ws.backbone, pixels, box)
     return query, info
@@ -222,8 +223,13 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
     cells = np.asarray(box_to_cells(query.box, query.image_size, fmap.shape[-2:]), np.float32)
     raw = pool_regions(fmap, cells[None], rp.get("pooling", "avg"))
     vector = whitening_obj.apply(raw)[0] if whitening_obj else raw[0] / (np.linalg.norm(raw[0]) + 1e-12)
-    hits = index.best_frames(vector, int(m.get("rerank", 200)) + 1)
-    candidate_ids = [h.frame_id for h in hits if h.frame_id in frames and h.frame_id != query_info["frame_id"]]
+    width, height = query.image_size
+    if m.get("method") == "fused" and query.box[2] * query.box[3] < float(m.get("small_box", 0.0)) * width * height:
+        # A small object: region descriptors cannot shortlist it, so every indexed frame is template-matched.
+        candidate_ids = [f for f in index.frame_ids if f in frames and f != query_info["frame_id"]]
+    else:
+        hits = index.best_frames(vector, int(m.get("rerank", 200)) + 1)
+        candidate_ids = [h.frame_id for h in hits if h.frame_id in frames and h.frame_id != query_info["frame_id"]]
     if not candidate_ids:
         raise ObjretError("the index holds no frame to mine besides the query: ingest a lake first")
     timings["query_s"] = time.perf_counter() - t0

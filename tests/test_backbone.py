@@ -127,8 +127,8 @@ def test_packaged_weights_classify_real_photos(bench_dir, lite0_classifier):
 def test_unknown_backbone_and_layer_raise_objret_error():
     with pytest.raises(ObjretError, match="vgg16"):
         build_backbone("vgg16")
-    with pytest.raises(ObjretError, match="stride8"):
-        build_backbone("efficientnet_lite0", layers=("stride16", "stride8"))
+    with pytest.raises(ObjretError, match="stride4"):
+        build_backbone("efficientnet_lite0", layers=("stride16", "stride4"))
 
 
 def test_resnet50_missing_weights_file_names_it_without_downloading(tmp_path, monkeypatch):
@@ -181,3 +181,16 @@ def test_cache_key_changes_with_configuration(lite0):
     assert same.cache_key() == spec.cache_key()
     assert len({spec.cache_key(), other_side.cache_key(), other_layers.cache_key()}) == 3
     assert spec.cache_key().startswith("efficientnet_lite0-256-")
+
+
+def test_stride8_maps_come_from_the_same_network(lite0):
+    """The stride-8 map (template matching of small objects) is the block before stride 16 of the same
+    weights: asking for it changes neither of the other maps."""
+    backbone = build_backbone("efficientnet_lite0", layers=("stride8", "stride16", "stride32"), max_side=256)
+    assert backbone.spec.channels == {"stride8": 40, "stride16": 112, "stride32": 320}
+    x = torch.randn(1, 3, 100, 130, generator=torch.Generator().manual_seed(1))
+    maps = backbone(x)
+    assert tuple(maps["stride8"].shape) == (1, 40, math.ceil(100 / 8), math.ceil(130 / 8))
+    reference = lite0(x)
+    for layer in ("stride16", "stride32"):
+        torch.testing.assert_close(maps[layer], reference[layer])

@@ -39,7 +39,7 @@ CONFIGS = [
     ("regions: whole + uniform + detector", "regions", ["regions.sources=[whole,uniform,detector]"], "all"),
     ("regions: whole + uniform + EGM + detector (default)", "regions", [], "all"),
     ("  + whitening", "regions", ["regions.whitening.enabled=true"], "all"),
-    ("plain template matching (stride 16, cell-centre boxes)", "dtm", OLD_TM, "instance"),
+    ("plain template matching (stride 16, one template)", "dtm", OLD_TM, "instance"),
     ("template matching, stride 8", "dtm", ["mining.mirror=false"], "instance"),
     ("template matching, stride 8 + mirror (default matcher)", "dtm", [], "instance"),
     ("fused, sum of evidence", "fused", ["mining.fusion=sum"], "instance"),
@@ -88,10 +88,10 @@ def write(rows: list[dict], out: Path, args) -> None:
     lines = ["| configuration | method | queries | " + " | ".join(name for _, name in COLUMNS) + " | s/query |",
              "|---|---|---|" + "---:|" * (len(COLUMNS) + 1)]
     for row in rows:
-        cells = [f"{row[key]:.3f}" if row[key] is not None else "-" for key, _ in COLUMNS]
+        cells = [f"{row[key]:.3f}" if row[key] is not None and row[key] == row[key] else "-" for key, _ in COLUMNS]
         lines.append(f"| {row['label']} | {row['method']} | {row['queries']} | " + " | ".join(cells) + f" | {row['seconds_per_query']:.3f} |")
-    command = "python benchmarks/bench_ablation.py --workdir .objret-bench" + "".join(
-        f" --set {o}" for o in args.overrides)
+    command = "python benchmarks/bench_ablation.py --bench ../shared/bench --workdir .objret-bench" + "".join(
+        f" --set {o}" for o in args.overrides) + (f" --only {args.only}" if args.only else "")
     out.with_suffix(".md").write_text(f"Command: `{command}`\n\n" + "\n".join(lines) + "\n")
 
 

@@ -58,7 +58,7 @@ class MatchResult:
 
 
 def match_template(templates, query_cells_hw: tuple[float, float], stack: MapStack, scales=(1.0,),
-                   chunk: int = 256, refine_scale: bool = False) -> MatchResult:
+                   chunk: int = 256) -> MatchResult:
     """Match a th x tw x C template whose box spans ``query_cells_hw`` cells against every frame of ``stack``.
 
     ``templates`` is one template or a list of same-shape variants (e.g. the query and its mirror image); a
@@ -94,9 +94,7 @@ def match_template(templates, query_cells_hw: tuple[float, float], stack: MapSta
         heat[start:stop] = best.numpy()
         dy = _parabola_offset(best, rows, cy, cx, axis=0)
         dx = _parabola_offset(best, rows, cy, cx, axis=1)
-        chosen = best_scale[rows, cy, cx].numpy()
-        scale = (_refined_scale(per_scale[rows, :, cy, cx].numpy(), chosen, scales) if refine_scale
-                 else np.asarray(scales, np.float32)[chosen])
+        scale = np.asarray(scales, np.float32)[best_scale[rows, cy, cx].numpy()]
         boxes[start:stop] = _cells_to_pixels(cx.numpy() + 0.5 + dx, cy.numpy() + 0.5 + dy, scale * qw, scale * qh,
                                              stack.image_sizes[start:stop], stack.map_sizes[start:stop])
     return MatchResult(scores, boxes, heat)
@@ -136,22 +134,6 @@ def _parabola_offset(surface: torch.Tensor, rows, cy, cx, axis: int) -> np.ndarr
     with np.errstate(divide="ignore", invalid="ignore"):
         offset = np.where(inside & (curvature < 0), 0.5 * (left - right) / curvature, 0.0)
     return np.clip(offset, -0.5, 0.5).astype(np.float32)
-
-
-def _refined_scale(at_peak: np.ndarray, best: np.ndarray, scales: tuple[float, ...]) -> np.ndarray:
-    """Per frame the scale at the vertex of the parabola (in log scale) through the best scale and its
-    neighbours; the best scale itself at either end of the range."""
-    logs = np.log(np.asarray(scales, np.float64))
-    out = np.asarray(scales, np.float64)[best]
-    for i, b in enumerate(best):
-        if 0 < b < len(scales) - 1:
-            x0, x1, x2 = logs[b - 1:b + 2]
-            y0, y1, y2 = at_peak[i, b - 1:b + 2].astype(np.float64)
-            denominator = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
-            if denominator < -1e-12 or denominator > 1e-12:
-                vertex = x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / denominator
-                out[i] = np.exp(np.clip(vertex, x0, x2))
-    return out.astype(np.float32)
 
 
 def _cells_to_pixels(cx, cy, w, h, image_sizes, map_sizes) -> np.ndarray:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from objret.backbone import build_backbone, pick_device, preprocess
+from objret.config import load_params
 from objret.features import FeatureCache, cache_features, forward
 from objret.lake import Lake, load_image
 
@@ -35,7 +36,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = pick_device()
-    backbone = build_backbone(args.backbone, max_side=args.max_side)
+    layers = tuple(load_params().section("features").get("layers", ("stride16", "stride32")))   # as the cache runs
+    backbone = build_backbone(args.backbone, layers=layers, max_side=args.max_side)
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake(Path(tmp) / "lake")
         images = sorted(Path(args.bench, args.set, "images").glob("*.jpg"))[: args.frames]

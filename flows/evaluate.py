@@ -39,7 +39,8 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
         steps.regions(ws)
         steps.whitening(ws)
         runs = evaluate_methods(bench, ws.lake, ws.cache, methods, mining_params, regions=ws.region_store.load(),
-                                region_params=dict(ws.params.section("regions")), whitening=ws.load_whitening(), backbone=ws.backbone)
+                                region_params=dict(ws.params.section("regions")), whitening=ws.load_whitening(),
+                                backbone=ws.backbone)
         summary = {}
         for i, run in enumerate(runs):
             out = results_path_for(results, run.method, i == 0)

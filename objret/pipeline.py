@@ -224,7 +224,8 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
     raw = pool_regions(fmap, cells[None], rp.get("pooling", "avg"))
     vector = whitening_obj.apply(raw)[0] if whitening_obj else raw[0] / (np.linalg.norm(raw[0]) + 1e-12)
     width, height = query.image_size
-    if m.get("method") == "fused" and query.box[2] * query.box[3] < float(m.get("small_box", 0.0)) * width * height:
+    small = query.box[2] * query.box[3] < float(m.get("small_box", 0.0)) * width * height
+    if m.get("method") == "fused" and small:
         # A small object: region descriptors cannot shortlist it, so every indexed frame is template-matched.
         candidate_ids = [f for f in index.frame_ids if f in frames and f != query_info["frame_id"]]
     else:

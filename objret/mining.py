@@ -11,7 +11,7 @@ Methods share one interface so evaluation compares them over the same cached map
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -64,6 +64,19 @@ class LakeMaps:
     global_vectors: np.ndarray           # N x D, rows follow stack.frame_ids
     regions: RegionVectors | None = None
     rmac_vectors: np.ndarray | None = None  # N x D whole-image R-MAC, for the baseline
+
+    def subset(self, rows) -> "LakeMaps":
+        """The frames at ``rows`` (in that order), with their regions."""
+        rows = np.asarray(rows, np.int64)
+        regions = self.regions
+        if regions is not None:
+            new_row = np.full(len(self.stack), -1, np.int64)
+            new_row[rows] = np.arange(len(rows))
+            keep = new_row[regions.owner] >= 0
+            regions = replace(regions, vectors=regions.vectors[keep], owner=new_row[regions.owner[keep]],
+                              boxes=regions.boxes[keep])
+        return LakeMaps(self.stack.subset(rows), self.global_vectors[rows], regions,
+                        None if self.rmac_vectors is None else self.rmac_vectors[rows])
 
 
 def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: int, scales,

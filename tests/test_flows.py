@@ -159,8 +159,18 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
     scores_before = [before.frame_scores(q, old_ids) for q in probes]
     hits_before = [[(h.frame_id, h.score, h.region_id) for h in before.best_frames(q, 24)] for q in probes]
 
+    # A process mining many reports loads the index and the maps once ...
+    from objret.search import LakeSearch
+
+    search = LakeSearch.open(ws)
+    assert LakeSearch.open(ws) is search and len(search.frame_ids) == 24
+    assert len(search.maps.stack) == 24 and search.maps.stack.maps.shape[1] > 0
+
     result = build_index_flow(sources=[str(pets_video), str(pets_video_2)], overrides=SMALL, workdir=str(workdir))
     assert [r["added"] for r in result["ingest"]] == [0, 4]
+    # ... and again once the index has a new version.
+    grown = LakeSearch.open(ws)
+    assert grown is not search and len(grown.frame_ids) == 28 and len(grown.maps.stack) == 28
     assert result["features"]["computed"] == 4 and result["features"]["already_cached"] == 24
     assert result["regions"]["extracted"] == 4 and result["regions"]["already_stored"] == 24
     new_ids = [f.frame_id for f in ws.lake.frames() if f.source.endswith("pets2.avi")]

@@ -244,3 +244,16 @@ def test_max_fusion_takes_the_better_evidence(scene):
     assert _order_without(ranking)[0] == "B"
     with pytest.raises(ValueError, match="fusion"):
         rank("fused", scene.query, scene.lake, {**params, "fusion": "product"})
+
+
+def test_a_subset_of_the_lake_ranks_its_frames_as_the_whole_lake_does(scene):
+    rows = [scene.ids.index(k) for k in ("B", "kitti_40", "zebra", "B_clean")]
+    sub = scene.lake.subset(rows)
+    assert sub.stack.frame_ids == ["B", "kitti_40", "zebra", "B_clean"]
+    assert len(sub.regions.vectors) == sum(len(scene.per_frame[scene.ids[r]][0]) for r in rows)
+    whole = rank("regions", scene.query, scene.lake, scene.params)
+    part = rank("regions", scene.query, sub, scene.params)
+    np.testing.assert_allclose(part.scores, whole.scores[rows], atol=1e-6)
+    np.testing.assert_allclose(part.boxes, whole.boxes[rows], atol=1e-4)
+    dtm_whole = rank("dtm", scene.query, scene.lake, scene.params)
+    np.testing.assert_allclose(rank("dtm", scene.query, sub, scene.params).scores, dtm_whole.scores[rows], atol=1e-5)

@@ -230,7 +230,8 @@ def test_layout_mean_equals_bilinear_sampling(th, tw, fh, fw):
 
     sims = torch.randn(th * tw, 4, 9, 11, generator=torch.Generator().manual_seed(th * 7 + tw))
     expected = _grid_sample_layout_mean(sims, th, tw, fh, fw)
-    torch.testing.assert_close(_layout_mean(sims, th, tw, fh, fw), expected, atol=1e-5, rtol=1e-5)
+    # _layout_mean takes frames first (n x cells x H x W), as match_template's batched matmul makes them.
+    torch.testing.assert_close(_layout_mean(sims.transpose(0, 1), th, tw, fh, fw), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_mirror_variant_finds_a_mirrored_paste(scene):

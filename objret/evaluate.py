@@ -81,7 +81,7 @@ def evaluate_methods(bench: Bench, lake, cache: FeatureCache, methods: list[str]
         def query_of(q: Query) -> QueryObject:
             fid, image = frame_of[q.key], bench.images[q.key]
             query = QueryObject({layer: cache.load([fid], layer)[fid] for layer in layers},
-                                (image.width, image.height), q.bbox)
+                                (image.width, image.height), q.bbox, frame_id=fid)
             if mirror and method in TEMPLATE_METHODS:   # a backbone pass only where a template is matched
                 query.mirror = mirrored_view(backbone, load_image(str(image.path)), q.bbox)
             return query

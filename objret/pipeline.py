@@ -202,7 +202,7 @@ def query_object(ws: Workspace, report: FailureReport) -> tuple[QueryObject, dic
     box = check_box_in_frame(report.box, *size)
     info = {"uri": uri, "frame_id": frame.frame_id if frame else None, "width": size[0], "height": size[1],
             "box": list(box), "image_uri": frame.image_uri if frame else uri}
-    query = QueryObject(maps, size, box)
+    query = QueryObject(maps, size, box, frame_id=frame.frame_id if frame else None)
     m = ws.params.section("mining")
     if m.get("mirror") and m.get("method", "fused") in TEMPLATE_METHODS:
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)

@@ -25,6 +25,7 @@ class QueryObject:
     image_size: tuple[int, int]  # width, height
     box: tuple[float, float, float, float]
     mirror: "QueryObject | None" = None  # the frame flipped left-right, with the box flipped with it
+    frame_id: str | None = None          # the query frame's lake id, when it is in the lake (left out of statistics)
 
 
 def mirrored_view(backbone: Backbone, image: np.ndarray, box) -> QueryObject:

@@ -80,7 +80,7 @@ def scene(bench_dir, tmp_path_factory):
     stack = MapStack(ids, [maps[i]["stride16"] for i in ids], [(f.width, f.height) for f in frames])
     lake = LakeMaps(stack, np.stack([gem(maps[i]["stride32"]) for i in ids]), regions,
                     np.stack([rmac(maps[i]["stride32"]) for i in ids]))
-    query = QueryObject(maps["A"], (a.shape[1], a.shape[0]), box)
+    query = QueryObject(maps["A"], (a.shape[1], a.shape[0]), box, frame_id="A")
     mining = dict(load_params().section("mining"))
     params = {**mining, "layer": "stride16", "scales": [0.5, 1.0, 2.0], "gem_p": 3.0}
     return SimpleNamespace(ids=ids, lake=lake, query=query, params=params, paste_box=paste_box, box=box,
@@ -105,7 +105,9 @@ def test_region_vectors_follow_the_lake(scene):
 
 
 def test_fused_puts_the_pasted_frame_first_with_its_box(scene):
-    ranking = rank("fused", scene.query, scene.lake, {**scene.params, "rerank": 200}, keep_heatmaps=5)
+    # Max fusion takes template boxes for every re-ranked frame (adaptive fusion: see the tests below).
+    ranking = rank("fused", scene.query, scene.lake, {**scene.params, "rerank": 200, "fusion": "max"},
+                   keep_heatmaps=5)
     order = _order_without(ranking)
     b = scene.ids.index("B")
     assert order[0] == "B", dict(zip(ranking.frame_ids, ranking.scores.round(2).tolist()))
@@ -235,9 +237,9 @@ def test_max_fusion_takes_the_better_evidence(scene):
     summed = rank("fused", scene.query, scene.lake, {**params, "fusion": "sum"}, keep_heatmaps=len(scene.ids))
     w = scene.params["weights"]
     z = {}
-    for kind in ("region", "template", "global"):
+    for kind in ("region", "template", "global"):   # standardised over the lake without the query frame A
         values = np.array([summed.evidence[f][kind] for f in scene.ids])
-        z[kind] = (values - values.mean()) / (values.std() + 1e-6)
+        z[kind] = (values - values[1:].mean()) / (values[1:].std() + 1e-6)
     context = w["region"] * z["region"] + w["global"] * z["global"]
     np.testing.assert_allclose(ranking.scores, np.maximum(context, w["template"] * z["template"]), atol=1e-4)
     np.testing.assert_allclose(summed.scores, context + w["template"] * z["template"], atol=1e-4)
@@ -257,3 +259,49 @@ def test_a_subset_of_the_lake_ranks_its_frames_as_the_whole_lake_does(scene):
     np.testing.assert_allclose(part.boxes, whole.boxes[rows], atol=1e-4)
     dtm_whole = rank("dtm", scene.query, scene.lake, scene.params)
     np.testing.assert_allclose(rank("dtm", scene.query, sub, scene.params).scores, dtm_whole.scores[rows], atol=1e-5)
+
+
+def test_template_weight_follows_the_evidence_that_stands_out():
+    from objret.mining import template_weight
+
+    rng = np.random.default_rng(0)
+    flat, peaked = rng.normal(size=500), rng.normal(size=500)
+    peaked[:3] = 8.0   # three frames far above the rest of the lake
+    assert template_weight(context=flat, template=peaked) > 0.99
+    assert template_weight(context=peaked, template=flat) < 0.01
+    # The logistic of (template peak - context peak - offset), peaks the mean of the top 3.
+    peak = lambda x: np.sort(x)[-3:].mean()
+    expected = 1 / (1 + np.exp(-2.0 * (peak(peaked) - peak(flat) - 1.0)))
+    assert template_weight(flat, peaked, top=3, offset=1.0, slope=2.0) == pytest.approx(expected)
+    assert template_weight(flat, flat, offset=0.0) == pytest.approx(0.5)
+
+
+def test_adaptive_fusion_mixes_the_evidence_by_the_query_weight(scene):
+    lake, ids = scene.lake, scene.ids
+    params = {**scene.params, "rerank": len(ids), "fusion": "adaptive"}
+    ranking = rank("fused", scene.query, lake, params, keep_heatmaps=len(ids))
+    evidence = ranking.evidence
+    weight = evidence["B"]["template_weight"]
+    assert 0.0 < weight < 1.0 and {e["template_weight"] for e in evidence.values()} == {weight}
+    # Standardised over the lake without the query's own frame A, context rescaled to unit spread.
+    ref = [f for f in ids if f != "A"]
+    z = {}
+    for kind in ("region", "template", "global"):
+        values = np.array([evidence[f][kind] for f in ids])
+        ref_values = np.array([evidence[f][kind] for f in ref])
+        z[kind] = (values - ref_values.mean()) / (ref_values.std() + 1e-6)
+    w = scene.params["weights"]
+    context = w["region"] * z["region"] + w["global"] * z["global"]
+    context = context / (context[1:].std() + 1e-6)
+    template = w["template"] * z["template"]
+    np.testing.assert_allclose(ranking.scores, (1 - weight) * context + weight * template, atol=1e-4)
+    assert _order_without(ranking)[0] == "B"
+
+    b = ids.index("B")
+    as_instance = rank("fused", scene.query, lake, {**params, "gate": {"offset": -100.0}})   # weight 1
+    assert _order_without(as_instance)[0] == "B"
+    assert iou_xywh(as_instance.boxes[b], scene.paste_box) >= 0.5   # the template's box
+    as_class = rank("fused", scene.query, lake, {**params, "gate": {"offset": 100.0}})       # weight 0
+    np.testing.assert_allclose(as_class.scores, context, atol=1e-4)
+    regions = rank("regions", scene.query, lake, scene.params)
+    np.testing.assert_allclose(as_class.boxes, regions.boxes, atol=1e-4)   # the best regions' boxes

@@ -21,6 +21,8 @@ class MapStack:
     """Many frames' maps of one layer, L2-normalised per position and zero-padded to one shape.
 
     Holding them as one tensor turns matching a template against the whole lake into a few batched ops.
+    ``subset`` is a view (the rows to read), so a shortlist of a resident lake costs no copy of its maps;
+    ``rows(start, stop)`` gathers a block of it.
     """
 
     def __init__(self, frame_ids: list[str], maps: list[np.ndarray], image_sizes: list[tuple[int, int]]):
@@ -31,22 +33,44 @@ class MapStack:
         self.map_sizes = np.asarray([m.shape[-2:] for m in maps])      # (h, w) in cells
         channels = maps[0].shape[0]
         max_h, max_w = self.map_sizes.max(axis=0)
-        self.maps = torch.zeros(len(maps), channels, max_h, max_w)
-        self.valid = torch.zeros(len(maps), max_h, max_w, dtype=torch.bool)
+        self._maps = torch.zeros(len(maps), channels, max_h, max_w)
+        self._valid = torch.zeros(len(maps), max_h, max_w, dtype=torch.bool)
+        self._index: torch.Tensor | None = None   # rows of _maps this stack shows (None: all)
         for i, m in enumerate(maps):
             h, w = m.shape[-2:]
-            self.maps[i, :, :h, :w] = l2n(torch.from_numpy(np.asarray(m, dtype=np.float32)), dim=0)
-            self.valid[i, :h, :w] = True
+            self._maps[i, :, :h, :w] = l2n(torch.from_numpy(np.asarray(m, dtype=np.float32)), dim=0)
+            self._valid[i, :h, :w] = True
 
     def __len__(self) -> int:
         return len(self.frame_ids)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """frames x channels x height x width (padded)."""
+        return (len(self), *self._maps.shape[1:])
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The maps and the valid-position masks of frames start..stop-1 (a copy only for a subset)."""
+        if self._index is None:
+            return self._maps[start:stop], self._valid[start:stop]
+        idx = self._index[start:stop]
+        return self._maps[idx], self._valid[idx]
+
+    @property
+    def maps(self) -> torch.Tensor:
+        return self.rows(0, len(self))[0]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.rows(0, len(self))[1]
 
     def subset(self, indices) -> "MapStack":
         sub = object.__new__(MapStack)
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         sub.frame_ids = [self.frame_ids[i] for i in idx.tolist()]
         sub.image_sizes, sub.map_sizes = self.image_sizes[idx.numpy()], self.map_sizes[idx.numpy()]
-        sub.maps, sub.valid = self.maps[idx], self.valid[idx]
+        sub._maps, sub._valid = self._maps, self._valid
+        sub._index = idx if self._index is None else self._index[idx]
         return sub
 
 
@@ -71,7 +95,7 @@ def match_template(templates, query_cells_hw: tuple[float, float], stack: MapSta
     th, tw, _ = variants[0].shape
     t = torch.from_numpy(np.ascontiguousarray(np.concatenate([v.reshape(th * tw, -1) for v in variants]),
                                               dtype=np.float32))
-    n, _, height, width = stack.maps.shape
+    n, _, height, width = stack.shape
     scales = tuple(float(s) for s in scales)
     qh, qw = query_cells_hw
     scores = np.empty(n, np.float32)
@@ -80,13 +104,13 @@ def match_template(templates, query_cells_hw: tuple[float, float], stack: MapSta
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         # Cosine of every template cell with every position: one batched matmul (3x faster than einsum).
-        block = stack.maps[start:stop]
+        block, valid = stack.rows(start, stop)
         sims = torch.matmul(t, block.reshape(stop - start, block.shape[1], -1)).view(stop - start, -1, height, width)
         per_scale = torch.stack([
             torch.stack([_layout_mean(sims[:, v * th * tw:(v + 1) * th * tw], th, tw, s * qh, s * qw)
                          for v in range(len(variants))]).amax(dim=0)
             for s in scales], dim=1)
-        per_scale = per_scale.masked_fill(~stack.valid[start:stop, None], -1.0)
+        per_scale = per_scale.masked_fill(~valid[:, None], -1.0)
         best, best_scale = per_scale.max(dim=1)
         top = best.flatten(1).argmax(dim=1)
         rows = torch.arange(stop - start)

@@ -162,11 +162,19 @@ def diffusion_evidence(ws: Workspace, bench, frame_of: dict, lake, mining: dict)
     pipeline.graph(ws)
     diffusion = open_diffusion(ws.graph_dir(), ws.current_index_dir(), RegionIndex.load(ws.current_index_dir()),
                                mining["diffusion"])
+    key = hashlib.sha256(json.dumps([diffusion.version, mining["diffusion"], len(bench.queries)],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(ws.root) / f"fusion_diffusion-{key}.npy"
+    if path.exists():
+        return np.load(path)
     rows = diffusion.rows_for(lake.stack.frame_ids)
     out = np.zeros((len(bench.queries), len(lake.stack)), np.float32)
     for qi, q in enumerate(tqdm(bench.queries, desc="diffusion", unit="query")):
         query = bench_query(bench, q, frame_of, ws.cache, ["stride32"])
         out[qi] = diffusion.scores(query_region_vector(query, lake.regions), rows)[0]
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(path)
     return out
 
 

@@ -1,4 +1,6 @@
-"""Flow ``build-index``: ingest the lake sources -> cache dense features -> regions -> whitening -> region index."""
+"""Flow ``build-index``: ingest the lake sources -> cache dense features -> regions -> whitening -> region index
+-> region graph -> OS.EGM discovery (graph.discovery.enabled); flow ``graph``: the region graph (and its OS.EGM
+discovery) alone, for an index already built."""
 
 from __future__ import annotations
 
@@ -23,5 +25,24 @@ def build_index_flow(sources: list[str] | None = None, params_path: str | None =
         whitening = steps.whitening(ws)
         indexed = steps.index(ws)
         mlflow.set_tags({"index_version": indexed["version"], "whitening_version": whitening or "none"})
+        graphed = steps.graph(ws) if ws.params.section("graph").get("enabled", True) else None
+        discovered = steps.discovery(ws) if graphed is not None and discovery_enabled(ws) else None
         return {"ingest": ingested, "features": cached, "regions": found, "whitening": whitening,
-                "index": indexed, "mlflow_run_id": run.info.run_id, "workdir": str(ws.root)}
+                "index": indexed, "graph": graphed, "discovery": discovered, "mlflow_run_id": run.info.run_id,
+                "workdir": str(ws.root)}
+
+
+@flow(name="graph", log_prints=True)
+def graph_flow(params_path: str | None = None, overrides: list[str] | None = None,
+               workdir: str | None = None) -> dict:
+    """The region graph of an index build-index made (its DVC stage): built, refreshed or left as it is."""
+    ws = Workspace(load_params(params_path, overrides), workdir)
+    with mlflow_run(ws, "graph", {"flow": "graph"}) as run:
+        graphed = steps.graph(ws)
+        mlflow.set_tags({"index_version": graphed["index_version"]})
+        discovered = steps.discovery(ws) if discovery_enabled(ws) else None
+        return {"graph": graphed, "discovery": discovered, "mlflow_run_id": run.info.run_id, "workdir": str(ws.root)}
+
+
+def discovery_enabled(ws: Workspace) -> bool:
+    return bool((ws.params.section("graph").get("discovery") or {}).get("enabled", False))

@@ -11,8 +11,12 @@ from prefect import flow, get_run_logger
 from objret import storage
 from objret.bench import load_bench
 from objret.config import load_params
+from objret.discovery import load_discovery
 from objret.evaluate import evaluate_methods
+from objret.graph_store import open_diffusion
 from objret.metrics import compare_table, flat_metrics, format_table
+from objret.pipeline import discovery_dir
+from objret.region_index import RegionIndex
 from objret.workspace import Workspace
 from tasks import steps
 from tasks.tracking import log_metrics, mlflow_run
@@ -38,9 +42,23 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
         steps.features(ws)
         steps.regions(ws)
         steps.whitening(ws)
+        diffusion = discovery = None
+        with_diffusion = "fused" in methods and bool((mining_params.get("diffusion") or {}).get("enabled"))
+        if with_diffusion or "discovery" in methods:
+            # Diffusion and OS.EGM need the region graph, over the region index: both built (or refreshed) here,
+            # and only then (whatever graph.enabled and graph.discovery.enabled say).
+            steps.index(ws)
+            steps.graph(ws, samples=False)
+        if with_diffusion:
+            diffusion = open_diffusion(ws.graph_dir(), ws.current_index_dir(),
+                                       RegionIndex.load(ws.current_index_dir()), mining_params["diffusion"])
+        if "discovery" in methods:
+            steps.discovery(ws)
+            discovery = load_discovery(discovery_dir(ws))
+        mlflow.set_tags({"diffusion": str(diffusion is not None).lower()})
         runs = evaluate_methods(bench, ws.lake, ws.cache, methods, mining_params, regions=ws.region_store.load(),
                                 region_params=dict(ws.params.section("regions")), whitening=ws.load_whitening(),
-                                backbone=ws.backbone)
+                                backbone=ws.backbone, diffusion=diffusion, discovery=discovery)
         summary = {}
         for i, run in enumerate(runs):
             out = results_path_for(results, run.method, i == 0)

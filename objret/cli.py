@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="*", help="folders, video files or s3:// prefixes (default: lake.sources)")
     _common(p)
 
+    p = sub.add_parser("graph", help="build or refresh the region graph of the index build-index made, and its OS.EGM "
+                                      "descriptors (graph.discovery.enabled) (Prefect flow)")
+    _common(p)
+
     p = sub.add_parser("mine", help="mine the lake for a failure report and push to the retraining dataset")
     p.add_argument("report", help="failure report JSON file")
     _common(p)
@@ -67,6 +71,16 @@ def cmd_build_index(args) -> int:
 
     result = build_index_flow(sources=args.sources, **_flow_kwargs(args))
     print(json.dumps(result["index"]))
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from flows.build_index import graph_flow
+
+    result = graph_flow(**_flow_kwargs(args))
+    print(json.dumps({k: v for k, v in result["graph"].items() if k != "samples"}))
+    if result.get("discovery"):
+        print(json.dumps({"discovery": result["discovery"]}))
     return 0
 
 
@@ -138,7 +152,7 @@ def cmd_ui(args) -> int:
     return 0
 
 
-COMMANDS = {"build-index": cmd_build_index, "mine": cmd_mine, "eval": cmd_eval, "demo": cmd_demo,
+COMMANDS = {"build-index": cmd_build_index, "graph": cmd_graph, "mine": cmd_mine, "eval": cmd_eval, "demo": cmd_demo,
             "report": cmd_report, "ui": cmd_ui}
 
 

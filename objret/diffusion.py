@@ -15,6 +15,9 @@ itself (same object seen differently): the point of diffusion over plain k-NN. [
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
 from scipy import sparse
@@ -55,10 +58,65 @@ def initial_vector(query: np.ndarray, regions: np.ndarray | faiss.Index, *, k: i
     """y: (q.v_i)^beta (positive part) at the query's k nearest nodes, 0 elsewhere (n float64)."""
     index = _as_index(regions)
     sims, ids = index.search(np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1)), k)
-    keep = ids[0] >= 0
-    y = np.zeros(index.ntotal)
-    y[ids[0][keep]] = np.maximum(sims[0][keep], 0.0).astype(np.float64) ** beta
+    return seed_vector(index.ntotal, ids[0], sims[0], beta)
+
+
+def seed_vector(n: int, ids: np.ndarray, sims: np.ndarray, beta: float = DEFAULT_BETA) -> np.ndarray:
+    """y from a search's hits: (q.v_i)^beta (positive part) at the nodes ``ids`` (-1: no hit), 0 elsewhere."""
+    ids, sims = np.asarray(ids, np.int64).ravel(), np.asarray(sims, np.float64).ravel()
+    keep = ids >= 0
+    if len(ids) and ids.max() >= n:
+        raise ObjretError(f"search hit node {ids.max()} but the graph has {n} nodes")
+    y = np.zeros(n)
+    y[ids[keep]] = np.maximum(sims[keep], 0.0) ** beta
     return y
+
+
+@dataclass
+class GraphDiffusion:
+    """Diffusion from a query over a lake's region graph, as per-frame scores (mining's diffusion evidence).
+
+    Node i of ``matrix`` is region i of the region index; ``owner[i]`` its frame's row in ``frame_ids``;
+    ``search(query, k)`` returns the query's k nearest nodes as (ids, sims), best first (e.g.
+    ``RegionIndex.search``). ``beta`` is the graph's; ``k``, ``alpha``, ``max_iter`` the query side's.
+    """
+
+    matrix: sparse.csr_matrix
+    owner: np.ndarray
+    frame_ids: list[str]
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    k: int = DEFAULT_QUERY_K
+    beta: float = DEFAULT_BETA
+    alpha: float = DEFAULT_ALPHA
+    max_iter: int = DEFAULT_MAX_ITER
+    tol: float = 1e-6
+    version: str = ""            # the stored graph's version, for provenance
+
+    def __post_init__(self):
+        n = self.matrix.shape[0]
+        self.owner = np.asarray(self.owner, np.int64)
+        if self.owner.shape != (n,):
+            raise ObjretError(f"the graph has {n} nodes but {len(self.owner)} region owners were given")
+        if n and not 0 <= self.owner.min() <= self.owner.max() < len(self.frame_ids):
+            raise ObjretError("region owners out of range of the graph's frames")
+        if self.k < 1 or self.max_iter < 1:
+            raise ObjretError(f"diffusion k={self.k} and max_iter={self.max_iter} must be at least 1")
+
+    def rows_for(self, frame_ids: Sequence[str]) -> np.ndarray:
+        """The graph's frame row of each given frame (-1 for a frame the graph does not hold)."""
+        row = {f: i for i, f in enumerate(self.frame_ids)}
+        return np.array([row.get(f, -1) for f in frame_ids], np.int64)
+
+    def scores(self, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, GraphSolve]:
+        """Each frame's best diffused region score for the L2-normalised ``query``, at ``rows`` (from rows_for;
+        0 where the graph has no region of the frame), and the CG solve."""
+        n = self.matrix.shape[0]
+        ids, sims = self.search(np.asarray(query, np.float32).reshape(-1), min(self.k, n))
+        y = seed_vector(n, ids, sims, self.beta)
+        solve = solve_graph_system(self.matrix, y, alpha=self.alpha, tol=self.tol, max_iter=self.max_iter)
+        per_frame = frame_scores(solve.values, self.owner, len(self.frame_ids), empty=0.0)
+        rows = np.asarray(rows, np.int64)
+        return np.where(rows >= 0, per_frame[np.maximum(rows, 0)], 0.0), solve
 
 
 def frame_scores(node_scores: np.ndarray, owner: np.ndarray, n_frames: int | None = None, *,

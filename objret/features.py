@@ -60,8 +60,15 @@ class FeatureCache:
             self._where = where
         return self._where
 
+    def _rescanned(self, frame_id: str) -> dict[str, Path]:
+        """The locations, read again from the shards when ``frame_id`` is not among the remembered ones:
+        another process (or another FeatureCache on the same folder) may have written shards since."""
+        if frame_id not in self._locations():
+            self._where = None
+        return self._locations()
+
     def __contains__(self, frame_id: str) -> bool:
-        return frame_id in self._locations()
+        return frame_id in self._rescanned(frame_id)
 
     def cached_ids(self) -> set[str]:
         return set(self._locations())
@@ -86,6 +93,8 @@ class FeatureCache:
         where = self._locations()
         by_shard: dict[Path, list[str]] = {}
         for fid in frame_ids:
+            if fid not in where:
+                where = self._rescanned(fid)
             if fid not in where:
                 raise ObjretError(f"frame {fid} has no cached features under {self.dir}; run the features step")
             by_shard.setdefault(where[fid], []).append(fid)

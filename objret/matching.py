@@ -100,11 +100,15 @@ def match_template(templates, query_cells_hw: tuple[float, float], stack: MapSta
     qh, qw = query_cells_hw
     scores = np.empty(n, np.float32)
     boxes = np.empty((n, 4), np.float32)
-    heat = np.empty((n, height, width), np.float32)
+    heat = np.full((n, height, width), -1.0, np.float32)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        # Cosine of every template cell with every position: one batched matmul (3x faster than einsum).
+        # Only the chunk's own extent: the stack is padded to the largest map of the lake (a portrait frame
+        # pads a landscape one, a wide KITTI frame is a third of the height).
+        height, width = (int(v) for v in stack.map_sizes[start:stop].max(axis=0))
         block, valid = stack.rows(start, stop)
+        block, valid = block[:, :, :height, :width].contiguous(), valid[:, :height, :width]
+        # Cosine of every template cell with every position: one batched matmul (3x faster than einsum).
         sims = torch.matmul(t, block.reshape(stop - start, block.shape[1], -1)).view(stop - start, -1, height, width)
         per_scale = torch.stack([
             torch.stack([_layout_mean(sims[:, v * th * tw:(v + 1) * th * tw], th, tw, s * qh, s * qw)
@@ -116,7 +120,7 @@ def match_template(templates, query_cells_hw: tuple[float, float], stack: MapSta
         rows = torch.arange(stop - start)
         cy, cx = top // width, top % width
         scores[start:stop] = best.flatten(1)[rows, top].numpy()
-        heat[start:stop] = best.numpy()
+        heat[start:stop, :height, :width] = best.numpy()
         dy = _parabola_offset(best, rows, cy, cx, axis=0)
         dx = _parabola_offset(best, rows, cy, cx, axis=1)
         scale = np.asarray(scales, np.float32)[best_scale[rows, cy, cx].numpy()]

@@ -6,12 +6,15 @@ Methods share one interface so evaluation compares them over the same cached map
   - ``regions``: the region descriptors alone (best region per frame, the region's box);
   - ``dtm``: deep template matching of the box's template over every frame's dense map (baseline);
   - ``gem``: whole-image GeM of the query frame against whole-image GeM of each frame (baseline);
-  - ``rmac``: whole-image R-MAC (uniform regions max-pooled, summed) against the same of each frame (baseline).
+  - ``rmac``: whole-image R-MAC (uniform regions max-pooled, summed) against the same of each frame (baseline);
+  - ``discovery``: 003 sec. 3.9's global descriptor (OS.EGM regions max-pooled, summed, whitened) of each frame
+    against the query box's descriptor (objret.discovery), the frame's box its OS.EGM region nearest the query.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,7 +24,10 @@ from objret.pooling import box_template, box_to_cells, gem, template_grid
 from objret.query import QueryObject
 from objret.regions import FrameRegions, pool_regions, uniform_regions, whole_region
 
-METHODS = ("fused", "regions", "dtm", "gem", "rmac")
+if TYPE_CHECKING:
+    from objret.discovery import DiscoveryVectors
+
+METHODS = ("fused", "regions", "dtm", "gem", "rmac", "discovery")
 TEMPLATE_METHODS = ("fused", "dtm")   # the methods that match the query's template (and its mirror view)
 
 
@@ -64,6 +70,7 @@ class LakeMaps:
     global_vectors: np.ndarray           # N x D, rows follow stack.frame_ids
     regions: RegionVectors | None = None
     rmac_vectors: np.ndarray | None = None  # N x D whole-image R-MAC, for the baseline
+    discovery: DiscoveryVectors | None = None  # objret.discovery.DiscoveryVectors (OS.EGM), for method discovery
 
     def subset(self, rows) -> "LakeMaps":
         """The frames at ``rows`` (in that order), with their regions."""
@@ -76,7 +83,8 @@ class LakeMaps:
             regions = replace(regions, vectors=regions.vectors[keep], owner=new_row[regions.owner[keep]],
                               boxes=regions.boxes[keep])
         return LakeMaps(self.stack.subset(rows), self.global_vectors[rows], regions,
-                        None if self.rmac_vectors is None else self.rmac_vectors[rows])
+                        None if self.rmac_vectors is None else self.rmac_vectors[rows],
+                        None if self.discovery is None else self.discovery.subset(rows))
 
 
 def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: int, scales,
@@ -145,7 +153,8 @@ def rank_regions(query: QueryObject, lake: LakeMaps, *, global_weight: float = 0
 
 def rank_fused(query: QueryObject, lake: LakeMaps, *, candidates: int, weights: dict, layer: str,
                template_cells: int, scales, gem_p: float = 3.0, keep_heatmaps: int = 0, fusion: str = "adaptive",
-               small_box: float = 0.0, gate: dict | None = None) -> Ranking:
+               small_box: float = 0.0, gate: dict | None = None, diffusion: np.ndarray | None = None,
+               diffusion_weight: float = 1.0) -> Ranking:
     """Region evidence for every frame; template matching on a shortlist; one score per frame.
 
     The shortlist is the best ``candidates`` frames by region (+ global) evidence, or every frame when the
@@ -166,12 +175,19 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, candidates: int, weights: 
       template side.
 
     Frames left out of the re-ranking keep their region evidence plus the lowest template score seen.
+
+    ``diffusion`` (one score per frame of ``lake``, e.g. objret.diffusion.GraphDiffusion.scores: the query's
+    diffusion over the region graph, 003 / Iscen et al.) is one more evidence on the context side, standardised
+    like the others and weighted by ``diffusion_weight``; it does not change the shortlist. None: nothing
+    changes.
     """
     region, region_boxes = best_region_per_frame(query, lake)
     glob = lake.global_vectors @ gem(query.maps["stride32"], gem_p)
     n = len(region)
     width, height = query.image_size
     if query.box[2] * query.box[3] < small_box * width * height:
+        shortlist, sub = np.arange(n), lake.stack
+    elif candidates >= n:   # every frame, in place (a subset would gather every map)
         shortlist, sub = np.arange(n), lake.stack
     else:
         shortlist = np.argsort(-(region + weights.get("global", 0.0) * glob), kind="stable")[:candidates]
@@ -183,24 +199,9 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, candidates: int, weights: 
     template_boxes = region_boxes.copy()
     template_boxes[shortlist] = matched.boxes
     reference = shortlist[np.asarray(lake.stack.frame_ids)[shortlist] != query.frame_id]
-    if not len(reference):
-        reference = shortlist
-    context = (weights.get("region", 1.0) * _standardized(region, reference)
-               + weights.get("global", 0.0) * _standardized(glob, reference))
-    template = weights.get("template", 1.0) * _standardized(template_scores, reference)
-    weight = None
-    if fusion == "adaptive":
-        context = context / (context[reference].std() + 1e-6)
-        weight = template_weight(context[reference], template[reference], **(gate or {}))
-        fused = (1.0 - weight) * context + weight * template
-        from_template = weight * template
-        boxes = np.where(((from_template > (1.0 - weight) * context) & (from_template > 0))[:, None],
-                         template_boxes, region_boxes)
-    elif fusion in ("sum", "max"):
-        fused = context + template if fusion == "sum" else np.maximum(context, template)
-        boxes = template_boxes
-    else:
-        raise ValueError(f"unknown fusion {fusion!r}: adaptive, sum or max")
+    fused, boxes, weight = fuse_evidence(region, glob, template_scores, region_boxes, template_boxes,
+                                         reference if len(reference) else shortlist, weights, fusion, gate,
+                                         diffusion=diffusion, diffusion_weight=diffusion_weight)
     ranking = Ranking(lake.stack.frame_ids, fused.astype(np.float32), boxes.astype(np.float32))
     for j in np.argsort(-fused[shortlist], kind="stable")[:keep_heatmaps]:
         i = shortlist[j]
@@ -210,7 +211,44 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, candidates: int, weights: 
                                  "global": float(glob[i])}
         if weight is not None:
             ranking.evidence[fid]["template_weight"] = float(weight)
+        if diffusion is not None:
+            ranking.evidence[fid]["diffusion"] = float(diffusion[i])
     return ranking
+
+
+def fuse_evidence(region: np.ndarray, glob: np.ndarray, template: np.ndarray, region_boxes: np.ndarray,
+                  template_boxes: np.ndarray, reference: np.ndarray, weights: dict, fusion: str = "adaptive",
+                  gate: dict | None = None, diffusion: np.ndarray | None = None,
+                  diffusion_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """One score and one box per frame from the three kinds of evidence (see rank_fused), standardised over
+    the frames at ``reference``; returns the scores, the boxes and the template weight (adaptive only).
+    ``diffusion`` (per-frame scores, optional) is a fourth evidence on the context side, weighted by
+    ``diffusion_weight``, added after the adaptive gate has weighed the query's own evidence (diffusion
+    spreads the region side's peak over the query's graph neighbourhood, so gating on it would send
+    instance queries to the region side: bench paste mAP 0.414 -> 0.116); None changes nothing."""
+    context = (weights.get("region", 1.0) * _standardized(region, reference)
+               + weights.get("global", 0.0) * _standardized(glob, reference))
+    template = weights.get("template", 1.0) * _standardized(template, reference)
+    weight = None
+    if fusion == "adaptive":
+        context = context / (context[reference].std() + 1e-6)
+        weight = template_weight(context[reference], template[reference], **(gate or {}))
+    if diffusion is not None:
+        diffusion = np.asarray(diffusion, np.float64)
+        if diffusion.shape != region.shape:
+            raise ValueError(f"diffusion evidence has shape {diffusion.shape}, expected one score per frame "
+                             f"{region.shape}")
+        context = context + diffusion_weight * _standardized(diffusion, reference)
+        if fusion == "adaptive":
+            context = context / (context[reference].std() + 1e-6)
+    if fusion == "adaptive":
+        from_template = weight * template
+        boxes = np.where(((from_template > (1.0 - weight) * context) & (from_template > 0))[:, None],
+                         template_boxes, region_boxes)
+        return (1.0 - weight) * context + from_template, boxes, weight
+    if fusion in ("sum", "max"):
+        return (context + template if fusion == "sum" else np.maximum(context, template)), template_boxes, None
+    raise ValueError(f"unknown fusion {fusion!r}: adaptive, sum or max")
 
 
 def template_weight(context: np.ndarray, template: np.ndarray, top: int = 3, offset: float = 1.0,
@@ -248,15 +286,47 @@ def rmac(feature_map: np.ndarray, levels: int = 3) -> np.ndarray:
     return (total / (np.linalg.norm(total) + 1e-12)).astype(np.float32)
 
 
-def rank(method: str, query: QueryObject, lake: LakeMaps, params, keep_heatmaps: int = 0) -> Ranking:
-    """Rank every frame of ``lake`` for ``query`` with ``method``; ``params`` is the mining section (+ gem_p)."""
+def rank_discovery(query: QueryObject, lake: LakeMaps) -> Ranking:
+    """003 sec. 3.9: frames by the cosine of their OS.EGM descriptor with the query's.
+
+    The query's descriptor is its box alone, pooled as one region (003 sec. 4.1: "detection is applied to
+    dataset images only, while we use the provided bounding boxes on the query side"). A frame's box is its
+    OS.EGM region whose own descriptor is nearest the query's (the whole frame when it has none); frames the
+    descriptors do not cover score -2, below any cosine.
+    """
+    from objret.errors import ObjretError
+
+    d = lake.discovery
+    if d is None:
+        raise ObjretError("method discovery needs the lake's OS.EGM descriptors: run build-index with "
+                          "graph.discovery.enabled: true (no discovery descriptors loaded)")
+    q = d.query(query.maps, query.box, query.image_size)
+    scores = np.where(d.present, d.descriptors @ q, -2.0).astype(np.float32)
+    boxes = _whole_frame_boxes(lake)
+    if len(d.owner):
+        sims = d.region_vectors @ q
+        order = np.lexsort((-sims, d.owner))  # per frame, best region first
+        first = order[np.r_[True, d.owner[order][1:] != d.owner[order][:-1]]]
+        boxes[d.owner[first]] = d.boxes[first]
+    return Ranking(lake.stack.frame_ids, scores, boxes)
+
+
+def rank(method: str, query: QueryObject, lake: LakeMaps, params, keep_heatmaps: int = 0,
+         diffusion: np.ndarray | None = None) -> Ranking:
+    """Rank every frame of ``lake`` for ``query`` with ``method``; ``params`` is the mining section (+ gem_p).
+
+    ``diffusion``: per-frame diffusion scores, fused by ``fused`` with weight ``params["diffusion"]["weight"]``.
+    """
     gem_p = params.get("gem_p", 3.0)
+    if diffusion is not None and method != "fused":
+        raise ValueError(f"diffusion evidence is fused by the fused method only, not {method!r}")
     if method == "fused":
         return rank_fused(query, lake, candidates=int(params.get("rerank", 200)), weights=dict(params["weights"]),
                           layer=params["layer"], template_cells=params["template_cells"],
                           scales=tuple(params["scales"]), gem_p=gem_p, keep_heatmaps=keep_heatmaps,
                           fusion=params.get("fusion", "adaptive"), small_box=float(params.get("small_box", 0.0)),
-                          gate=dict(params.get("gate") or {}))
+                          gate=dict(params.get("gate") or {}), diffusion=diffusion,
+                          diffusion_weight=float((params.get("diffusion") or {}).get("weight", 1.0)))
     if method == "regions":
         return rank_regions(query, lake, global_weight=dict(params["weights"]).get("global", 0.0), gem_p=gem_p)
     if method == "dtm":
@@ -266,6 +336,8 @@ def rank(method: str, query: QueryObject, lake: LakeMaps, params, keep_heatmaps:
         return rank_gem(query, lake, global_layer="stride32", gem_p=gem_p)
     if method == "rmac":
         return rank_rmac(query, lake)
+    if method == "discovery":
+        return rank_discovery(query, lake)
     raise ValueError(f"unknown mining method {method!r}; choose one of {', '.join(METHODS)}")
 
 

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +35,7 @@ import faiss
 import numpy as np
 
 from objret.errors import ObjretError
+from objret.versions import save_version
 
 KINDS = ("auto", "flat", "ivfpq", "hnsw")
 REFINE_TYPES = {None: None, "sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
@@ -340,39 +338,19 @@ class RegionIndex:
 
         A crash or a reader at any moment sees either the previous save or this one, never a mix.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".tmp-{os.getpid()}-{time.time_ns()}"
-        tmp.mkdir()
-        try:
-            faiss.write_index(self.index, str(tmp / "regions.faiss"))
+        def write(folder: Path) -> None:
+            faiss.write_index(self.index, str(folder / "regions.faiss"))
             arrays = {"owner": self.owner, "boxes": self.boxes, **{f"meta-{k}": v for k, v in self.meta.items()}}
             for name, arr in arrays.items():
-                np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-            (tmp / "frame_ids.json").write_text(json.dumps(self.frame_ids))
-            files = sorted(p.name for p in tmp.iterdir())
-            manifest = {
-                "format": _FORMAT, "kind": self.kind, "active": self.active, "dim": self.dim,
-                "ntotal": len(self), "n_frames": self.n_frames, "meta": sorted(self.meta),
-                "params": {"flat_max": self.flat_max, "nlist": self.nlist, "pq_m": self.pq_m,
-                           "hnsw_m": self.hnsw_m, "nprobe": self.nprobe, "ef_search": self.ef_search,
-                           "refine": self.refine, "refine_k_factor": self.refine_k_factor},
-                "files": {name: (tmp / name).stat().st_size for name in files},
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))   # last: marks a whole version
-            version = directory / f"v-{time.time_ns():020d}-{os.getpid()}"
-            os.rename(tmp, version)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        pointer = directory / f".CURRENT.{os.getpid()}.tmp"
-        pointer.write_text(version.name)
-        os.replace(pointer, directory / "CURRENT")
-        # Drop versions older than this one (never the one CURRENT names, should another writer have won).
-        current = (directory / "CURRENT").read_text().strip()
-        for old in directory.glob("v-*"):
-            if old.name < version.name and old.name != current:
-                shutil.rmtree(old, ignore_errors=True)
+                np.save(folder / f"{name}.npy", arr, allow_pickle=False)
+            (folder / "frame_ids.json").write_text(json.dumps(self.frame_ids))
+
+        save_version(directory, "v", write, {
+            "format": _FORMAT, "kind": self.kind, "active": self.active, "dim": self.dim,
+            "ntotal": len(self), "n_frames": self.n_frames, "meta": sorted(self.meta),
+            "params": {"flat_max": self.flat_max, "nlist": self.nlist, "pq_m": self.pq_m,
+                       "hnsw_m": self.hnsw_m, "nprobe": self.nprobe, "ef_search": self.ef_search,
+                       "refine": self.refine, "refine_k_factor": self.refine_k_factor}})
 
     @classmethod
     def load(cls, directory: str | Path, *, use_gpu: bool | None = None) -> "RegionIndex":

@@ -5,7 +5,10 @@ A region is a box on a frame's feature map. Sources (selectable and combinable i
   - ``uniform``: the R-MAC grid (Tolias et al. 2016): square regions at L scales with ~40% overlap;
   - ``egm``: EGM regions on the feature saliency map (003 sec. 3.3-3.4, objret.saliency / objret.egm);
   - ``detector``: SSD-MobileNetV2 boxes as hard attention (002, objret.detector);
-  - ``dasr``: DASR* regions (001 sec. III, objret.dasr).
+  - ``dasr``: DASR* regions (001 sec. III, objret.dasr);
+  - ``os_egm``: EGM regions on the *object* saliency map (003 sec. 3.8-3.9, "OS.EGM"; objret.discovery). They
+    need the region graph, so they are not a source of ``frame_regions``: the discovery step
+    (objret.pipeline.discovery) detects them after the graph and stores them beside it.
 Descriptors pool a map inside each box (average and/or max) and are L2-normalised; whitening comes after.
 """
 
@@ -17,7 +20,7 @@ import numpy as np
 
 from objret.pooling import box_to_cells
 
-SOURCES = ("whole", "uniform", "egm", "detector", "dasr")
+SOURCES = ("whole", "uniform", "egm", "detector", "dasr", "os_egm")   # stored codes index this: append only
 
 
 @dataclass

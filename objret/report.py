@@ -52,6 +52,7 @@ class FailureReport:
     failure_kind: str
     notes: str = ""
     created_at: str | None = None
+    diffusion: bool | None = None  # the report's "mining": {"diffusion": ...}; None: params.yaml decides
 
     def to_dict(self) -> dict:
         """The report as schema-valid JSON data (``parse_report(r.to_dict()) == r``)."""
@@ -74,6 +75,8 @@ class FailureReport:
             data["notes"] = self.notes
         if self.created_at is not None:
             data["created_at"] = self.created_at
+        if self.diffusion is not None:
+            data["mining"] = {"diffusion": self.diffusion}
         return data
 
 
@@ -234,6 +237,7 @@ def parse_report(data: dict) -> FailureReport:
         failure_kind=data["failure_kind"],
         notes=data.get("notes", ""),
         created_at=data.get("created_at"),
+        diffusion=data.get("mining", {}).get("diffusion"),
     )
 
 

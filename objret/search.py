@@ -12,11 +12,12 @@ thousands of frames; a lake of millions needs them memory-mapped from disk and a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from objret.diffusion import GraphDiffusion
 from objret.errors import ObjretError
 from objret.lake import Frame
 from objret.lakemaps import load_lake_maps
@@ -34,6 +35,9 @@ class LakeSearch:
     frames: dict[str, Frame]   # every lake frame (the query frame may be one that is not indexed)
     maps: LakeMaps           # rows follow ``frame_ids``: the indexed frames still in the lake
     frame_ids: list[str]
+    # The region graph for diffusion, loaded on first use (and again after a new graph version is saved).
+    _diffusion: GraphDiffusion | None = field(default=None, repr=False)
+    _graph_rows: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, ws: Workspace) -> "LakeSearch":
@@ -59,9 +63,31 @@ class LakeSearch:
                               whitening=ws.load_whitening(), with_rmac=m.get("method") == "rmac")
         return cls(key or search_key(ws), index, frames, maps, ids)
 
+    def frames_but(self, exclude: str | None) -> list[str]:
+        """The indexed frames but ``exclude``."""
+        return [f for f in self.frame_ids if f != exclude]
+
     def rows(self, exclude: str | None = None) -> np.ndarray:
         """Every indexed frame but ``exclude`` (the query's own frame)."""
         return np.array([i for i, f in enumerate(self.frame_ids) if f != exclude], np.int64)
+
+    def diffusion(self, ws: Workspace, params: dict) -> GraphDiffusion:
+        """Diffusion over the current index's region graph with the query side's ``params`` (mining.diffusion);
+        ObjretError when no graph was built for this index version."""
+        from objret.graph_store import current_version, open_diffusion
+
+        directory = ws.graph_dir()
+        if self._diffusion is None or self._diffusion.version != current_version(directory):
+            self._diffusion = open_diffusion(directory, ws.current_index_dir(), self.index, params)
+            self._graph_rows = None
+        return replace(self._diffusion, k=int(params.get("k", 10)), alpha=float(params.get("alpha", 0.99)),
+                       max_iter=int(params.get("max_iter", 20)))
+
+    def graph_rows(self, diffusion: GraphDiffusion) -> np.ndarray:
+        """The graph's frame row of each row of this LakeSearch (computed once per graph)."""
+        if self._graph_rows is None:
+            self._graph_rows = diffusion.rows_for(self.frame_ids)
+        return self._graph_rows
 
     def shortlist(self, vector: np.ndarray, k: int, exclude: str | None = None) -> np.ndarray:
         """Rows of the ``k`` frames whose best region is nearest ``vector`` in the region index."""

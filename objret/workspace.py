@@ -64,6 +64,10 @@ class Workspace:
         whitening = self.load_whitening()
         return self.index_dir / f"regions-{self.region_store.dir.name}-{whitening.version() if whitening else 'l2'}"
 
+    def graph_dir(self) -> Path:
+        """The region graph of the current region index: the same sub-path under ``graph/`` as under ``index/``."""
+        return self.root / "graph" / self.current_index_dir().relative_to(self.root / "index")
+
     def run_dir(self, name: str) -> Path:
         path = self.root / "runs" / name
         path.mkdir(parents=True, exist_ok=True)

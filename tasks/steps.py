@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from objret import pipeline
 from objret.report import FailureReport
 from objret.workspace import Workspace
-from tasks.tracking import log_metrics
+from tasks.tracking import log_artifacts, log_metrics, set_tags
 
 # Inputs hold models and open stores, so Prefect's input-hash caching is off; objret caches by content itself.
 IO_TASK = dict(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
@@ -67,11 +67,55 @@ def index(ws: Workspace) -> dict:
     return asdict(result)
 
 
+@task(name="graph", cache_policy=NO_CACHE)
+def graph(ws: Workspace, samples: bool = True) -> dict:
+    """Region graph + Katz centrality of the current index (built, refreshed or unchanged); with ``samples``,
+    the saliency PNGs of graph.sample_frames frames logged as MLflow artifacts under ``graph/`` (drawn when the
+    graph changed: an unchanged graph's were logged by the run that built it)."""
+    result = pipeline.graph(ws)
+    log_metrics({"graph_nodes": result.nodes, "graph_edges": result.edges, "graph_mean_degree": result.mean_degree,
+                 "graph_components": result.components, "graph_isolated": result.isolated,
+                 "graph_knn_recall": result.recall, "graph_cg_iterations": result.cg_iterations,
+                 "graph_cg_residual": result.cg_residual, "graph_new_nodes": result.new_nodes,
+                 "graph_refreshed": float(result.mode == "refresh"), "graph_build_seconds": result.graph_seconds,
+                 "graph_katz_seconds": result.katz_seconds, "graph_seconds": result.seconds})
+    set_tags({"graph_version": result.version, "graph_mode": result.mode})
+    get_run_logger().info("graph %s (%s): %d nodes, %d edges (mean degree %.1f), %d components, %d isolated, "
+                          "Katz CG %d iterations (residual %.2e), %.1f s", result.version, result.mode, result.nodes,
+                          result.edges, result.mean_degree, result.components, result.isolated,
+                          result.cg_iterations, result.cg_residual, result.seconds)
+    out = asdict(result)
+    if samples and result.mode != "unchanged":
+        pngs = pipeline.graph_samples(ws, ws.run_dir(f"graph-{result.version}"))
+        log_artifacts(pngs, "graph")
+        out["samples"] = pngs
+    return out
+
+
+@task(name="discovery", cache_policy=NO_CACHE)
+def discovery(ws: Workspace) -> dict:
+    """OS.EGM regions and the 003 sec. 3.9 descriptor of every indexed frame over the current region graph
+    (computed when the graph or the parameters changed, else left as they are)."""
+    result = pipeline.discovery(ws)
+    log_metrics({"discovery_frames": result.frames, "discovery_computed": result.computed,
+                 "discovery_mean_regions": result.mean_regions,
+                 "discovery_frames_without_regions": result.frames_without_regions,
+                 "discovery_seconds": result.seconds, "discovery_seconds_per_frame": result.seconds_per_frame})
+    set_tags({"discovery_version": result.version})
+    get_run_logger().info("discovery %s (%s): %d frames (%d computed, %.3f s a frame), %.1f OS.EGM regions a frame, "
+                          "%d frames without one, %.1f s", result.version, result.mode, result.frames, result.computed,
+                          result.seconds_per_frame, result.mean_regions, result.frames_without_regions,
+                          result.seconds)
+    return asdict(result)
+
+
 @task(name="mine", cache_policy=NO_CACHE)
 def mine(ws: Workspace, report: FailureReport) -> pipeline.MiningOutcome:
     outcome = pipeline.mine(ws, report)
+    diffusion = outcome.provenance.get("diffusion") or {}
     log_metrics({"candidates": outcome.candidates, "mined": len(outcome.mined),
                  "near_duplicates_collapsed": sum(len(m["duplicates"]) for m in outcome.mined),
+                 "diffusion": float(bool(diffusion.get("applied"))),
                  **{f"latency_{k}": v for k, v in outcome.timings.items()}})
     create_markdown_artifact(key=f"mined-{report.report_id.lower().replace('_', '-').replace('.', '-')}"[:60],
                              markdown=mined_table(report, outcome), description="Frames mined for the report")

@@ -50,5 +50,14 @@ def log_metrics(metrics: dict) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
 
 
+def log_artifacts(paths: list[str], artifact_path: str | None = None) -> None:
+    for path in paths:
+        mlflow.log_artifact(path, artifact_path)
+
+
+def set_tags(tags: dict) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
 def run_url(run) -> str:
     return f"experiment {run.info.experiment_id}, run {run.info.run_id}"

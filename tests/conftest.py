@@ -160,3 +160,37 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """One faiss (OpenMP) thread: the CI box has 2 cores shared with other jobs, and faiss' OpenMP barriers
+    crawl when oversubscribed."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tud_campus_bench(bench_dir):
+    """Writes a bench-format folder of some TUD-Campus frames (``keep``: image ids) and the instance queries
+    among them: ``tud_campus_bench(root, keep) -> root``."""
+    def write(root: Path, keep: set[int]) -> Path:
+        ann = json.loads((bench_dir / "tud_campus" / "annotations.json").read_text())
+        ann["images"] = [i for i in ann["images"] if i["id"] in keep]
+        ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] in keep]
+        (root / "tud_campus" / "images").mkdir(parents=True)
+        for image in ann["images"]:
+            shutil.copy(bench_dir / "tud_campus" / image["file_name"], root / "tud_campus" / image["file_name"])
+        (root / "tud_campus" / "annotations.json").write_text(json.dumps(ann))
+        queries = [q for q in json.loads((bench_dir / "queries.json").read_text())["queries"]
+                   if q["set"] == "tud_campus" and q["image_id"] in keep]
+        for q in queries:
+            q.pop("num_positives", None)   # counted on the full set
+        (root / "queries.json").write_text(json.dumps({"version": 1, "queries": queries}))
+        return root
+
+    return write

@@ -4,7 +4,6 @@ a one-off object and clutter."""
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
@@ -16,12 +15,7 @@ from objret.saliency import feature_saliency
 from objret.whitening import fit_whitening
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit(x: np.ndarray) -> np.ndarray:

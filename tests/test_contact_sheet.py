@@ -49,3 +49,29 @@ def test_save_png(tmp_path):
     assert save_png(sheet, str(path)) == str(path)
     with Image.open(path) as loaded:
         assert (loaded.format, loaded.size) == ("PNG", sheet.size)
+
+
+def test_saliency_panels_show_three_panels_side_by_side():
+    from objret.contact_sheet import saliency_panels
+
+    frame = grey_frame(320, 240, level=120)
+    feature = np.zeros((6, 8), np.float32)
+    feature[:, :4] = 1.0                       # salient left half
+    obj = np.zeros((6, 8), np.float32)
+    obj[2:4, 5:7] = 7.0                        # one object on the right
+    boxes = np.array([[200, 80, 80, 80], [10, 10, 40, 30]], np.float32)
+    image = saliency_panels(frame, feature, obj, boxes, thumb=160, title="frame 1")
+    assert image.size == (3 * (160 + PAD) + PAD, TITLE_HEIGHT + 160 + CAPTION_HEIGHT + 2 * PAD)
+    sheet = np.asarray(image).astype(int)
+    top = TITLE_HEIGHT + PAD
+    panels = [sheet[top:top + 120, PAD + i * (160 + PAD):PAD + i * (160 + PAD) + 160] for i in range(3)]
+    # Panel 1, feature saliency: the left half glows (inferno: bright), the right half is dark.
+    left, right = panels[0][30:90, 10:70].mean(), panels[0][30:90, 90:150].mean()
+    assert left > right + 60
+    # Panel 2, object saliency: bright at the object's cells only (x 200-280, y 80-160 -> thumb /2).
+    assert panels[1][45:75, 105:135].mean() > panels[1][45:75, 20:60].mean() + 60
+    # Panel 3, the frame itself with the region boxes in the box colour (and nothing else in that colour).
+    colour = (panels[2] == BOX_COLOUR).all(axis=2)
+    assert colour[40, 100:140].all() and colour[5, 5:25].all()       # top edges of both boxes, halved
+    assert not (panels[0] == BOX_COLOUR).all(axis=2).any() and not (panels[1] == BOX_COLOUR).all(axis=2).any()
+    assert tuple(panels[2][100, 20]) == (120, 120, 120)               # the frame untouched elsewhere

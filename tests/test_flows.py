@@ -179,6 +179,22 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
     assert result["index"]["frames"] == 28
     assert result["index"]["regions"] == first["index"]["regions"] + new_regions
     assert result["index"]["version"] != first["index"]["version"]
+    # The region graph is refreshed, not rebuilt: it grows by exactly the new regions, as a full build would.
+    graph = result["graph"]
+    assert graph["mode"] == "refresh" and graph["new_nodes"] == new_regions
+    assert graph["nodes"] == first["graph"]["nodes"] + new_regions == result["index"]["regions"]
+    from objret import pipeline
+    from objret.graph_store import load_graph
+    from objret.region_graph import build_region_graph
+
+    stored = load_graph(ws.graph_dir())
+    vectors, _, _ = pipeline.graph_nodes(ws, RegionIndex.load(ws.current_index_dir()))
+    full = build_region_graph(vectors, k=stored.knn.k)
+    # The same lists (as sets: regions with identical descriptors tie exactly and may come in either order) ...
+    same_lists = (np.sort(stored.knn.neighbors, axis=1) == np.sort(full.knn.neighbors, axis=1)).all(axis=1)
+    assert same_lists.mean() > 0.99, same_lists.mean()
+    # ... hence the same graph.
+    assert abs(stored.matrix - full.matrix).max() < 1e-5
 
     after = RegionIndex.load(ws.current_index_dir())
     assert result["index"]["directory"] == str(ws.current_index_dir())
@@ -197,6 +213,7 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
     same = build_index_flow(sources=[str(pets_video_2)], overrides=SMALL, workdir=str(workdir))
     assert same["ingest"][0]["added"] == 0 and same["features"]["computed"] == 0
     assert same["regions"]["extracted"] == 0 and same["index"] == result["index"]
+    assert same["graph"]["mode"] == "unchanged" and same["graph"]["version"] == result["graph"]["version"]
 
     # Mining on the grown index: a pedestrian of the new video (frame index 1 = MOT frame 303, track 14).
     box = pedestrian_box(bench_dir, 303, 14)
@@ -218,3 +235,168 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
     assert iou_xywh(top["box"], pedestrian_box(bench_dir, 301 + 2 * top["frame_index"], 14)) >= 0.3
     client = mlflow.tracking.MlflowClient(mined_result["tracking_uri"])
     assert client.get_run(mined_result["mlflow_run_id"]).data.tags["index_version"] == result["index"]["version"]
+
+
+# ---- the region graph (003 sec. 3.6-3.8) and diffusion at mining time ---------------------------------------
+
+def test_build_index_flow_builds_the_region_graph_and_logs_it(built):
+    import numpy as np
+    from PIL import Image
+
+    from objret import pipeline
+    from objret.config import load_params
+    from objret.contact_sheet import CAPTION_HEIGHT, PAD, TITLE_HEIGHT
+    from objret.errors import ObjretError
+    from objret.graph_store import load_graph, open_diffusion
+    from objret.region_index import RegionIndex
+    from objret.workspace import Workspace
+
+    workdir, result = built
+    graph = result["graph"]
+    ws = Workspace(load_params(None, SMALL), workdir)
+    index = RegionIndex.load(ws.current_index_dir())
+    # One node per region of the index, built from scratch the first time.
+    assert graph["mode"] == "full" and graph["nodes"] == result["index"]["regions"] == len(index) > 50
+    assert graph["new_nodes"] == graph["nodes"] and graph["kind"] == "exact" and graph["k"] == 50
+    assert graph["edges"] > 0 and graph["mean_degree"] == pytest.approx(2 * graph["edges"] / graph["nodes"])
+    assert 1 <= graph["components"] <= graph["nodes"] and graph["cg_converged"] and graph["cg_iterations"] > 1
+    stored = load_graph(ws.graph_dir())
+    assert stored.version == graph["version"] and stored.manifest["index"]["current"] == (
+        ws.current_index_dir() / "CURRENT").read_text().strip()
+    S = stored.matrix
+    assert S.shape == (len(index), len(index)) and (S != S.T).nnz == 0 and not S.diagonal().any()
+    assert len(stored.centrality) == len(index) and (stored.centrality > 0).all()
+    # Node i is region i: its k-NN similarities are the index's own vectors' inner products.
+    knn = stored.knn
+    for i in (0, len(index) // 2, len(index) - 1):
+        j = knn.neighbors[i, :3]
+        sims = index.index.reconstruct_batch(j) @ index.index.reconstruct(int(i))
+        np.testing.assert_allclose(sims, knn.similarities[i, :3], atol=1e-5)
+    # Nothing new: nothing done.
+    again = pipeline.graph(ws)
+    assert again.mode == "unchanged" and again.version == graph["version"] and again.new_nodes == 0
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(result["mlflow_run_id"])
+    metrics = run.data.metrics
+    assert metrics["graph_nodes"] == graph["nodes"] and metrics["graph_edges"] == graph["edges"]
+    assert metrics["graph_mean_degree"] == pytest.approx(graph["mean_degree"])
+    assert metrics["graph_components"] == graph["components"]
+    assert metrics["graph_cg_iterations"] == graph["cg_iterations"] > 1
+    assert metrics["graph_cg_residual"] == pytest.approx(graph["cg_residual"]) and metrics["graph_seconds"] > 0
+    assert run.data.tags["graph_version"] == graph["version"] and run.data.tags["graph_mode"] == "full"
+    pngs = [a.path for a in client.list_artifacts(run.info.run_id, "graph")]
+    assert len(pngs) == 3 and all(p.endswith(".png") for p in pngs)   # graph.sample_frames
+    local = client.download_artifacts(run.info.run_id, pngs[0], str(workdir / "downloaded"))
+    with Image.open(local) as png:
+        assert png.format == "PNG"
+        assert png.size == (3 * (320 + PAD) + PAD, TITLE_HEIGHT + 320 + CAPTION_HEIGHT + 2 * PAD)
+
+    # Diffusion refuses a graph folder with no graph in it, saying what to run.
+    with pytest.raises(ObjretError, match="run build-index"):
+        open_diffusion(workdir / "no-graph", ws.current_index_dir(), index, {})
+
+
+def _report(tmp_path, bench_dir, report_id: str, **extra) -> Path:
+    # Frame index 10 of the test video is MOT frame 121; track 19 walks through the whole clip.
+    report = {"report_id": report_id, "detector": {"name": "det", "version": "1"},
+              "frame": {"uri": "pets.avi", "frame_index": 10}, "box": pedestrian_box(bench_dir, 121, 19),
+              "class_name": "person", "failure_kind": "false_negative", **extra}
+    path = tmp_path / f"{report_id}.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_mine_flow_fuses_diffusion_when_the_report_asks_for_it(built, bench_dir, tmp_path):
+    from flows.mine import mine_flow
+    from objret import pipeline
+    from objret.config import load_params
+    from objret.report import load_report
+    from objret.workspace import Workspace
+
+    workdir, first = built
+    path = _report(tmp_path, bench_dir, "flow-test-diffusion", mining={"diffusion": True})
+    result = mine_flow(report_path=str(path), overrides=SMALL, workdir=str(workdir))   # params: diffusion off
+    mined = json.loads(Path(result["mined_json"]).read_text())
+    diffusion = mined["diffusion"]
+    assert diffusion["enabled"] and diffusion["applied"] and diffusion["source"] == "report"
+    assert diffusion["graph_version"] == first["graph"]["version"] and diffusion["k"] == 10
+    assert 1 <= diffusion["cg"]["iterations"] <= 20 and diffusion["cg"]["residual"] >= 0
+    assert mined["provenance"]["diffusion"]["applied"] and mined["report"]["mining"] == {"diffusion": True}
+    assert result["mined"] == len(mined["mined"]) == 5
+    assert all(m["evidence"]["diffusion"] > 0 for m in mined["mined"])   # the query's neighbourhood reaches them
+    coco = json.loads((workdir / "retraining" / "annotations.json").read_text())
+    ours = [a["objret"] for a in coco["annotations"] if a["objret"]["report_id"] == "flow-test-diffusion"]
+    assert len(ours) == 5 and all(o["diffusion"]["applied"] and "diffusion" in o["evidence"] for o in ours)
+    client = mlflow.tracking.MlflowClient(result["tracking_uri"])
+    assert client.get_run(result["mlflow_run_id"]).data.metrics["diffusion"] == 1
+
+    # The same report without the field follows params.yaml (off): no diffusion evidence, other scores.
+    ws = Workspace(load_params(None, SMALL), workdir)
+    plain = pipeline.mine(ws, load_report(_report(tmp_path, bench_dir, "flow-test-no-diffusion")), progress=False)
+    assert plain.provenance["diffusion"] == {"enabled": False, "source": "params", "applied": False}
+    assert all("diffusion" not in m["evidence"] for m in plain.mined)
+    with_diffusion = {m["frame_id"]: m["score"] for m in mined["mined"]}
+    without = {m["frame_id"]: m["score"] for m in plain.mined}
+    shared = set(with_diffusion) & set(without)
+    assert shared and any(abs(with_diffusion[f] - without[f]) > 1e-3 for f in shared)
+    # ... and params.yaml can turn it on for every report.
+    on = pipeline.mine(Workspace(load_params(None, SMALL + ["mining.diffusion.enabled=true"]), workdir),
+                       load_report(_report(tmp_path, bench_dir, "flow-test-params-diffusion")), progress=False)
+    assert on.provenance["diffusion"]["source"] == "params" and on.provenance["diffusion"]["applied"]
+    assert {m["frame_id"]: round(m["score"], 5) for m in on.mined} == {
+        f: round(s, 5) for f, s in with_diffusion.items()}
+
+
+def test_mine_flow_rejects_a_malformed_mining_field(built, bench_dir, tmp_path):
+    from flows.mine import mine_flow
+    from objret.errors import ReportError
+
+    workdir, _ = built
+    path = _report(tmp_path, bench_dir, "flow-test-bad-mining", mining={"diffusion": "yes", "top_k": 3})
+    with pytest.raises(ReportError) as err:
+        mine_flow(report_path=str(path), overrides=SMALL, workdir=str(workdir))
+    text = str(err.value)
+    assert "mining.diffusion: 'yes' is not true/false" in text and "mining.top_k: unknown field" in text
+    assert not (workdir / "runs" / "mine-flow-test-bad-mining").exists()   # rejected before any work
+    path = _report(tmp_path, bench_dir, "flow-test-bad-mining-2", mining=True)
+    with pytest.raises(ReportError, match="mining: True is not an object"):
+        mine_flow(report_path=str(path), overrides=SMALL, workdir=str(workdir))
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tud_campus_bench, tmp_path_factory) -> Path:
+    """A bench-format folder: 20 TUD-Campus frames (ids 16..35) and the 3 instance queries among them."""
+    root = tud_campus_bench(tmp_path_factory.mktemp("tiny-bench"), set(range(16, 36)))
+    assert len(json.loads((root / "queries.json").read_text())["queries"]) == 3
+    return root
+
+
+def test_eval_with_diffusion_builds_the_graph_and_fuses_it(prefect_server, tiny_bench, tmp_path):
+    from flows.evaluate import evaluate_flow
+    from objret.bench import load_bench
+    from objret.config import load_params
+    from objret.graph_store import load_graph
+    from objret.workspace import Workspace
+
+    workdir = tmp_path / "eval"
+    on = evaluate_flow(bench_dir=str(tiny_bench), results=str(tmp_path / "on.json"), methods=["fused"],
+                       overrides=SMALL + ["mining.diffusion.enabled=true"], workdir=str(workdir))
+    ws = Workspace(load_params(None, SMALL), workdir)
+    stored = load_graph(ws.graph_dir())
+    assert stored is not None and stored.nodes > 20 * 10          # every region of the 20 frames
+    off = evaluate_flow(bench_dir=str(tiny_bench), results=str(tmp_path / "off.json"), methods=["fused"],
+                        overrides=SMALL, workdir=str(workdir))
+    results_on = json.loads((tmp_path / "on.json").read_text())
+    results_off = json.loads((tmp_path / "off.json").read_text())
+    bench = load_bench(tiny_bench)
+    assert set(results_on) == set(results_off) == {q.id for q in bench.queries} and len(results_on) == 3
+    for q in bench.queries:   # every gallery image ranked, with and without diffusion
+        assert len(results_on[q.id]) == len(results_off[q.id]) == len(bench.gallery_keys(q)) > 0
+    scores = lambda r: {(e["set"], e["image_id"]): e["score"] for q in r.values() for e in q}
+    assert scores(results_on) != scores(results_off)                 # the diffusion evidence changed the scores
+    assert on["methods"]["fused"]["metrics"] and off["methods"]["fused"]["metrics"]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("objret").experiment_id)
+    assert sorted(r.data.tags["diffusion"] for r in runs) == ["false", "true"]
+    assert any(r.data.metrics.get("graph_nodes") == stored.nodes for r in runs)

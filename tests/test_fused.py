@@ -305,3 +305,74 @@ def test_adaptive_fusion_mixes_the_evidence_by_the_query_weight(scene):
     np.testing.assert_allclose(as_class.scores, context, atol=1e-4)
     regions = rank("regions", scene.query, lake, scene.params)
     np.testing.assert_allclose(as_class.boxes, regions.boxes, atol=1e-4)   # the best regions' boxes
+
+
+# ---- diffusion evidence (region graph, 003 / Iscen et al.) -------------------------------------------------
+
+def test_diffusion_evidence_is_standardised_and_added_to_the_context_side(scene):
+    ids = scene.ids
+    params = {**scene.params, "rerank": len(ids), "fusion": "sum", "diffusion": {"weight": 0.7}}
+    without = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(ids))
+    unchanged = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(ids), diffusion=None)
+    np.testing.assert_array_equal(unchanged.scores, without.scores)          # None: bit-identical
+    np.testing.assert_array_equal(unchanged.boxes, without.boxes)
+    assert unchanged.evidence == without.evidence
+
+    diffusion = np.linspace(0.0, 1.0, len(ids)) ** 2
+    diffusion[ids.index("B_clean")] = 5.0
+    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(ids), diffusion=diffusion)
+    ref = diffusion[1:]                                                       # the query's frame A left out
+    z = (diffusion - ref.mean()) / (ref.std() + 1e-6)
+    np.testing.assert_allclose(ranking.scores, without.scores + 0.7 * z, atol=1e-4)
+    for i, fid in enumerate(ids):
+        assert ranking.evidence[fid]["diffusion"] == pytest.approx(diffusion[i])
+        assert {k: v for k, v in ranking.evidence[fid].items() if k != "diffusion"} == without.evidence[fid]
+    lifted = _order_without(ranking).index("B_clean")
+    assert lifted < _order_without(without).index("B_clean") and lifted <= 1
+    # Max fusion: diffusion sits on the context side, with region and global evidence.
+    maxed = rank("fused", scene.query, scene.lake, {**params, "fusion": "max"}, keep_heatmaps=len(ids),
+                 diffusion=diffusion)
+    w = scene.params["weights"]
+    zs = {}
+    for kind in ("region", "template", "global"):
+        values = np.array([without.evidence[f][kind] for f in ids])
+        zs[kind] = (values - values[1:].mean()) / (values[1:].std() + 1e-6)
+    context = w["region"] * zs["region"] + w["global"] * zs["global"] + 0.7 * z
+    np.testing.assert_allclose(maxed.scores, np.maximum(context, w["template"] * zs["template"]), atol=1e-4)
+
+
+def test_diffusion_over_a_real_region_graph_ranks_with_the_fused_method(scene):
+    from objret.centrality import katz_centrality
+    from objret.diffusion import GraphDiffusion
+    from objret.mining import query_region_vector
+    from objret.region_graph import build_region_graph
+
+    regions, ids = scene.lake.regions, scene.ids
+    graph = build_region_graph(regions.vectors, k=10)
+    assert graph.nodes == len(regions.vectors) and katz_centrality(graph.matrix).converged
+
+    def search(q, k):
+        sims = regions.vectors @ q
+        top = np.argsort(-sims, kind="stable")[:k]
+        return top, sims[top]
+
+    diffusion = GraphDiffusion(graph.matrix, regions.owner, list(ids), search, k=10, max_iter=20)
+    query = query_region_vector(scene.query, regions)
+    rows = diffusion.rows_for(list(reversed(ids)) + ["not-in-the-graph"])
+    scores, solve = diffusion.scores(query, rows)
+    assert scores.shape == (len(ids) + 1,) and scores[-1] == 0.0 and solve.iterations <= 20
+    # Per frame: its best region's diffused score; the seeds are the query's nearest regions.
+    per_frame = np.array([solve.values[regions.owner == r].max() for r in range(len(ids))])
+    np.testing.assert_allclose(scores[:-1], per_frame[::-1])
+    nearest_frame = regions.owner[np.argmax(regions.vectors @ query)]
+    assert per_frame[nearest_frame] == per_frame.max() > 0
+
+    frame_scores = diffusion.scores(query, diffusion.rows_for(ids))[0]
+    params = {**scene.params, "rerank": len(ids), "diffusion": {"weight": 0.5}}
+    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=3, diffusion=frame_scores)
+    assert _order_without(ranking)[0] == "B"      # the pasted clock still first (adaptive fusion)
+    assert all("diffusion" in e for e in ranking.evidence.values())
+    with pytest.raises(ValueError, match="fused method only"):
+        rank("regions", scene.query, scene.lake, params, diffusion=frame_scores)
+    with pytest.raises(ValueError, match="one score per frame"):
+        rank("fused", scene.query, scene.lake, params, diffusion=frame_scores[:5])

@@ -3,7 +3,6 @@ incremental refresh equal to a full rebuild, graph figures, and bad input."""
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 from scipy import sparse
@@ -13,13 +12,7 @@ from objret.region_graph import (KnnLists, build_region_graph, knn_recall, mutua
                                  refresh_region_graph)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 cores shared with other jobs; faiss' OpenMP barriers crawl when oversubscribed."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit(x: np.ndarray) -> np.ndarray:

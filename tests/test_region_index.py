@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 
@@ -16,13 +15,7 @@ D = 128
 REGIONS_PER_FRAME = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 cores shared with other jobs; faiss' OpenMP barriers crawl when oversubscribed."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def clustered(n: int, d: int = D, n_clusters: int = 200, seed: int = 0, spread: float = 0.6) -> np.ndarray:

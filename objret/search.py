@@ -56,6 +56,9 @@ class LakeSearch:
         ids = [f for f in index.frame_ids if f in frames]
         if not ids:
             raise ObjretError("the index holds no frame of the lake: run build-index first")
+        # Frames of one shape side by side: template matching pads a block of frames to its largest map, and
+        # a portrait frame among landscape ones pads them all to a square.
+        ids.sort(key=lambda f: frames[f].height / max(1, frames[f].width))
         m = ws.params.section("mining")
         maps = load_lake_maps(ws.cache, [frames[i] for i in ids], m.get("layer", "stride8"),
                               gem_p=ws.params.section("index").get("gem_p", 3.0),

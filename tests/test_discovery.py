@@ -307,7 +307,8 @@ def test_build_index_flow_runs_discovery_after_the_graph_and_logs_it(workspace, 
     assert off["discovery"] is None
     # Other OS.EGM parameters than the stored version's: computed by the flow, after the graph, and logged.
     result = build_index_flow(sources=[str(folder)],
-                              overrides=SMALL + ["graph.discovery.egm={sigma: 1.5, tau: 0.0, rho: 2.0, purge: 0.5}"],
+                              overrides=SMALL + ["graph.discovery.enabled=true",
+                                                 "graph.discovery.egm={sigma: 1.5, tau: 0.0, rho: 2.0, purge: 0.5}"],
                               workdir=str(ws.root))
     assert result["graph"]["mode"] == "unchanged"
     found = result["discovery"]

@@ -1,6 +1,6 @@
 """Flow ``build-index``: ingest the lake sources -> cache dense features -> regions -> whitening -> region index
 -> region graph -> OS.EGM discovery (graph.discovery.enabled); flow ``graph``: the region graph (and its OS.EGM
-discovery) alone, for an index already built."""
+discovery) alone, for an index already built. DVC runs build-index's steps one a stage (``only``)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,43 @@ import mlflow
 from prefect import flow
 
 from objret.config import load_params
+from objret.errors import ObjretError
 from objret.workspace import Workspace
-from tasks import steps
+from tasks import scale_out, steps
 from tasks.tracking import mlflow_run
+
+
+STEPS = ("ingest", "features", "regions", "whitening", "index", "graph")   # in the order they run
 
 
 @flow(name="build-index", log_prints=True)
 def build_index_flow(sources: list[str] | None = None, params_path: str | None = None,
-                     overrides: list[str] | None = None, workdir: str | None = None) -> dict:
+                     overrides: list[str] | None = None, workdir: str | None = None,
+                     only: list[str] | None = None) -> dict:
+    """All steps (the graph when graph.enabled), or only the named ones (e.g. ["features"]: a DVC stage) in one
+    flow run and MLflow run; a step not run is None in the result."""
     ws = Workspace(load_params(params_path, overrides), workdir)
     sources = sources or list(ws.params.section("lake").get("sources") or [])
-    with mlflow_run(ws, "build-index", {"flow": "build-index"}) as run:
-        ingested = steps.ingest(ws, sources)
-        cached = steps.features(ws)
-        found = steps.regions(ws)
-        whitening = steps.whitening(ws)
-        indexed = steps.index(ws)
-        mlflow.set_tags({"index_version": indexed["version"], "whitening_version": whitening or "none"})
-        graphed = steps.graph(ws) if ws.params.section("graph").get("enabled", True) else None
+    graph_on = ws.params.section("graph").get("enabled", True)
+    todo = set(only) if only else {step for step in STEPS if step != "graph" or graph_on}
+    if todo - set(STEPS):
+        raise ObjretError(f"unknown build-index step(s) {', '.join(sorted(todo - set(STEPS)))}: "
+                          f"choose among {', '.join(STEPS)}")
+    tags = {"flow": "build-index", "steps": ",".join(step for step in STEPS if step in todo)}
+    with mlflow_run(ws, f"build-index {tags['steps']}" if only else "build-index", tags) as run:
+        ingested = steps.ingest(ws, sources) if "ingest" in todo else None
+        if scale_out.enabled(ws) and {"features", "regions"} & todo:   # as tasks on a Dask cluster (scale_out)
+            cached, found = scale_out.features_and_regions(ws, todo)
+        else:
+            cached = steps.features(ws) if "features" in todo else None
+            found = steps.regions(ws) if "regions" in todo else None
+        whitening = steps.whitening(ws) if "whitening" in todo else None
+        indexed = steps.index(ws) if "index" in todo else None
+        if "whitening" in todo:
+            mlflow.set_tags({"whitening_version": whitening or "none"})
+        if indexed is not None:
+            mlflow.set_tags({"index_version": indexed["version"]})
+        graphed = steps.graph(ws) if "graph" in todo else None
         discovered = steps.discovery(ws) if graphed is not None and discovery_enabled(ws) else None
         return {"ingest": ingested, "features": cached, "regions": found, "whitening": whitening,
                 "index": indexed, "graph": graphed, "discovery": discovered, "mlflow_run_id": run.info.run_id,

@@ -14,12 +14,18 @@ from objret.config import load_params
 from objret.discovery import load_discovery
 from objret.evaluate import evaluate_methods
 from objret.graph_store import open_diffusion
-from objret.metrics import compare_table, flat_metrics, format_table
+from objret.metrics import compare_table, flat_metrics, format_table, recall_curve, summary_metrics
 from objret.pipeline import discovery_dir
 from objret.region_index import RegionIndex
 from objret.workspace import Workspace
 from tasks import steps
 from tasks.tracking import log_metrics, mlflow_run
+
+
+def beside(results: str, suffix: str) -> str:
+    """A file beside the results: RESULTS.<suffix> (results.json -> results.summary.json)."""
+    path = Path(results)
+    return str(path.with_name(f"{path.stem}.{suffix}"))
 
 
 def results_path_for(results: str, method: str, first: bool) -> str:
@@ -32,7 +38,11 @@ def results_path_for(results: str, method: str, first: bool) -> str:
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None, params_path: str | None = None,
-                  overrides: list[str] | None = None, workdir: str | None = None) -> dict:
+                  overrides: list[str] | None = None, workdir: str | None = None,
+                  summary_json: str | None = None, curve_csv: str | None = None) -> dict:
+    """Besides each method's results and metrics: ``summary_json`` (default RESULTS.summary.json), every method's
+    aggregates in one JSON, and ``curve_csv`` (default RESULTS.recall_at_k.csv), every method's mean Recall@K
+    (columns k, method, recall): the DVC stage's metrics and plots files."""
     ws = Workspace(load_params(params_path, overrides), workdir)
     bench = load_bench(bench_dir)
     methods = methods or [ws.params.section("mining").get("method", "fused"), "gem"]
@@ -47,7 +57,7 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
         if with_diffusion or "discovery" in methods:
             # Diffusion and OS.EGM need the region graph, over the region index: both built (or refreshed) here,
             # and only then (whatever graph.enabled and graph.discovery.enabled say).
-            steps.index(ws)
+            mlflow.set_tags({"index_version": steps.index(ws)["version"]})   # the bench's own index
             steps.graph(ws, samples=False)
         if with_diffusion:
             diffusion = open_diffusion(ws.graph_dir(), ws.current_index_dir(),
@@ -60,6 +70,7 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
                                 region_params=dict(ws.params.section("regions")), whitening=ws.load_whitening(),
                                 backbone=ws.backbone, diffusion=diffusion, discovery=discovery)
         summary = {}
+        aggregates, curve = {}, ["k,method,recall"]
         for i, run in enumerate(runs):
             out = results_path_for(results, run.method, i == 0)
             storage.write_bytes(out, json.dumps(run.results).encode())
@@ -72,6 +83,13 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
                 indent=1).encode())
             mlflow.log_artifact(str(metrics_file))
             summary[run.method] = {"results": out, "metrics": flat, "seconds_per_query": run.seconds_per_query}
+            aggregates[run.method] = {"seconds_per_query": run.seconds_per_query, **summary_metrics(run.report)}
+            curve += [f"{k},{run.method},{r:.6f}" for k, r in recall_curve(bench, run.results)]
+        summary_json = summary_json or beside(results, "summary.json")
+        curve_csv = curve_csv or beside(results, "recall_at_k.csv")
+        storage.write_bytes(summary_json, json.dumps(aggregates, indent=1).encode())
+        storage.write_bytes(curve_csv, ("\n".join(curve) + "\n").encode())
+        mlflow.log_artifact(curve_csv)
         table = compare_table({run.method: run.report for run in runs})
         mlflow.log_text(table, "eval_table.txt")
         details = "\n\n".join(f"{run.method}  ({run.seconds_per_query * 1000:.0f} ms per query)\n"

@@ -20,7 +20,9 @@ def mine_flow(report_path: str, params_path: str | None = None, overrides: list[
     with mlflow_run(ws, f"mine {report.report_id}", {"flow": "mine", "report_id": report.report_id}) as run:
         outcome = steps.mine(ws, report)
         pushed = steps.push(ws, report, outcome)
-        mlflow.set_tags({"index_version": outcome.provenance["index_version"], "dataset_version": pushed["version"]})
+        mlflow.set_tags({"index_version": outcome.provenance["index_version"], "dataset_version": pushed["version"],
+                         "dataset_dvc_md5": pushed["dvc_md5"], "dataset_dvc_version": pushed["dvc_version"]})
+        mlflow.log_artifact(pushed["dvc_file"], "dataset")   # `dvc checkout` / `dvc pull` with it restores the dataset
         mlflow.log_artifact(outcome.mined_json)
         mlflow.log_artifact(outcome.contact_sheet)
         mlflow.log_dict(report.to_dict(), "report.json")

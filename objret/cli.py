@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-index", help="ingest lake sources, cache features, build the index (Prefect flow)")
     p.add_argument("sources", nargs="*", help="folders, video files or s3:// prefixes (default: lake.sources)")
+    p.add_argument("--only", help="comma-separated steps to run (DVC runs one a stage): ingest, features, regions, "
+                                  "whitening, index, graph (default: all)")
     _common(p)
 
     p = sub.add_parser("graph", help="build or refresh the region graph of the index build-index made, and its OS.EGM "
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", required=True, help="folder in the bench format (queries.json + sets)")
     p.add_argument("--results", required=True, help="where to write the default method's ranked results (JSON)")
     p.add_argument("--methods", default=None, help="comma-separated methods (fused, regions, dtm, gem, rmac); the first is the default (default: mining.method,gem)")
+    p.add_argument("--summary", help="every method's aggregates in one JSON (default: RESULTS.summary.json)")
+    p.add_argument("--recall-curve", help="every method's mean Recall@K, CSV k,method,recall "
+                                          "(default: RESULTS.recall_at_k.csv)")
     _common(p)
 
     p = sub.add_parser("demo", help="the main job: PETS 2009 video (or SOURCE) -> index -> mine the sample report")
@@ -55,8 +60,38 @@ def build_parser() -> argparse.ArgumentParser:
     report_sub = p.add_subparsers(dest="report_command", required=True)
     v = report_sub.add_parser("validate", help="check a report against the JSON Schema")
     v.add_argument("report")
+    v = report_sub.add_parser("submit", help="validate reports and trigger their mining (the `mine` deployment of "
+                                               "`objret serve`, through a Prefect event); each report id is mined once")
+    v.add_argument("reports", nargs="+", help="failure report JSON files")
+    v.add_argument("--again", action="store_true", help="submit even if the report id was submitted or mined before")
+    _common(v)
+    v = report_sub.add_parser("status", help="the submitted reports and their state (submitted, running, mined, "
+                                               "failed)")
+    _common(v)
+
+    p = sub.add_parser("dataset", help="versions of the retraining dataset (a DVC repository)")
+    dataset_sub = p.add_subparsers(dest="dataset_command", required=True)
+    v = dataset_sub.add_parser("versions", help="list the dataset's versions")
+    _common(v)
+    v = dataset_sub.add_parser("checkout", help="bring the dataset folder back to a version (from the DVC remote "
+                                                  "when it is not in the local cache)")
+    v.add_argument("md5", help="the version's DVC md5 (a unique prefix is enough)")
+    _common(v)
+
+    p = sub.add_parser("serve", help="serve the deployments: report-triggered mining, scheduled index refresh, "
+                                      "report folder watch (needs a Prefect server: PREFECT_API_URL)")
+    _common(p)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the run store")
+    p.add_argument("--port", type=int, default=5000)
+    _common(p)
+
+    p = sub.add_parser("tracking-server", help="run an MLflow tracking server (runs in SQLite, artifacts proxied) "
+                                               "to name in tracking.mlflow_uri or MLFLOW_TRACKING_URI")
+    p.add_argument("--backend-store-uri", help="run store (default: sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--artifacts-destination", help="where the server keeps artifacts: a folder or an s3:// prefix "
+                                                   "(default: <workdir>/mlartifacts)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=5000)
     _common(p)
     return parser
@@ -69,8 +104,9 @@ def _flow_kwargs(args) -> dict:
 def cmd_build_index(args) -> int:
     from flows.build_index import build_index_flow
 
-    result = build_index_flow(sources=args.sources, **_flow_kwargs(args))
-    print(json.dumps(result["index"]))
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    result = build_index_flow(sources=args.sources, only=only, **_flow_kwargs(args))
+    print(json.dumps({step: result[step] for step in only} if only else result["index"], default=str))
     return 0
 
 
@@ -94,14 +130,18 @@ def cmd_mine(args) -> int:
 def _print_mining(result: dict) -> None:
     ds = result["dataset"]
     print(f"\nmined {result['mined']} frames for report {result['report_id']}")
-    print(f"  retraining dataset : {ds['root']}  (version {ds['version']}, {ds['added']} added, "
-          f"{ds['unchanged']} unchanged)")
+    print(f"  retraining dataset : {ds['root']}  ({ds['added']} added, {ds['unchanged']} unchanged)")
+    print(f"  dataset version    : {ds['dvc_version']} (DVC md5 {ds['dvc_md5']}"
+          f"{', sent to the DVC remote' if ds['dvc_pushed'] else ''}; objret dataset versions)")
     print(f"  COCO annotations   : {ds['annotations_uri']}")
     print(f"  contact sheet      : {result['contact_sheet']}")
     print(f"  mined list         : {result['mined_json']}")
     print(f"  MLflow run         : {result['mlflow_run_id']} (experiment {result['mlflow_experiment_id']}) in "
           f"{result['tracking_uri']}")
-    print(f"  open the UI with   : objret ui   (or: mlflow ui --backend-store-uri {result['tracking_uri']})")
+    if result["tracking_uri"].startswith(("http://", "https://")):   # a tracking server serves its own UI
+        print(f"  open the UI at     : {result['tracking_uri']}")
+    else:
+        print(f"  open the UI with   : objret ui   (or: mlflow ui --backend-store-uri {result['tracking_uri']})")
 
 
 def cmd_demo(args) -> int:
@@ -125,7 +165,8 @@ def cmd_eval(args) -> int:
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     result = evaluate_flow(bench_dir=str(Path(args.bench).resolve()), results=str(Path(args.results).resolve()),
-                           methods=methods, **_flow_kwargs(args))
+                           methods=methods, summary_json=args.summary, curve_csv=args.recall_curve,
+                           **_flow_kwargs(args))
     print(result["table"])
     for method, info in result["methods"].items():
         print(f"{method}: {info['seconds_per_query'] * 1000:.0f} ms per query, results in {info['results']}")
@@ -133,10 +174,79 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
+    if args.report_command == "submit":
+        return _submit_reports(args)
+    if args.report_command == "status":
+        return _report_status(args)
     from objret.report import load_report
 
     report = load_report(Path(args.report))
     print(f"{args.report}: valid report {report.report_id} ({report.class_name}, {report.failure_kind})")
+    return 0
+
+
+def _workspace(args):
+    from objret.config import load_params
+    from objret.workspace import Workspace
+
+    return Workspace(load_params(args.params, args.overrides), args.workdir)
+
+
+def _submit_reports(args) -> int:
+    """Each file on its own: a bad one is reported and the others still go (exit 2 if any was refused)."""
+    from flows.triggers import submit
+
+    ws, refused = _workspace(args), 0
+    for path in args.reports:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            print(f"objret: {path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            refused += 1
+            continue
+        try:
+            submission = submit(ws, data, str(Path(path).resolve()), again=args.again)
+        except ReportError as exc:
+            print(f"objret: {path}: {exc}", file=sys.stderr)
+            refused += 1
+            continue
+        if submission.accepted:
+            print(f"{path}: submitted report {submission.report_id}: the mine deployment will mine it")
+        else:
+            print(f"{path}: report {submission.report_id} is already {submission.state}: not submitted again "
+                  "(--again to re-mine it)")
+    return 2 if refused else 0
+
+
+def _report_status(args) -> int:
+    from flows.triggers import ledger
+
+    for entry in ledger(_workspace(args)).entries():
+        last = entry["history"][-1]
+        extra = entry.get("error") if entry["state"] == "failed" else entry.get("dataset_version", "")
+        print(f"{entry['report_id']:<40} {entry['state']:<10} {last['at']}  {extra or ''}")
+    return 0
+
+
+def cmd_dataset(args) -> int:
+    registry = _workspace(args).dataset_registry
+    if args.dataset_command == "checkout":
+        print(f"dataset version {args.md5} checked out in {registry.checkout(args.md5)}")
+        return 0
+    for v in registry.versions():
+        print(f"{v['number']:>5}  {v['md5']}  {v['at']}  report {v.get('report_id', '')}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.serve import serve_deployments
+
+    if not PREFECT_API_URL.value():
+        raise ObjretError("`objret serve` needs a Prefect server: start one with `prefect server start` and set "
+                          "PREFECT_API_URL=http://127.0.0.1:4200/api (see the README)")
+    serve_deployments(**_flow_kwargs(args))
     return 0
 
 
@@ -145,15 +255,48 @@ def cmd_ui(args) -> int:
     from objret.workspace import Workspace
 
     ws = Workspace(load_params(args.params, args.overrides), args.workdir)
+    if ws.tracking_uri.startswith(("http://", "https://")):   # a tracking server serves its own UI
+        print(f"the runs are on the tracking server: open {ws.tracking_uri}")
+        return 0
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.tracking_uri,
                "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")   # as for tracking-server
+    print(" ".join(command), flush=True)
+    os.execv(sys.executable, command)
+    return 0
+
+
+def tracking_server_command(args) -> tuple[list[str], str]:
+    """The `mlflow server` command line and the tracking URI it serves."""
+    import socket
+
+    ws = _workspace(args)
+    destination = args.artifacts_destination or str(ws.root / "mlartifacts")
+    if "://" not in destination:
+        destination = str(Path(destination).resolve())   # the server may run from another folder
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", args.backend_store_uri or f"sqlite:///{ws.root / 'mlflow.db'}",
+               "--artifacts-destination", destination, "--host", args.host, "--port", str(args.port),
+               "--workers", "1"]
+    # Bound to every interface: other machines reach it by this machine's name.
+    host = socket.getfqdn() if args.host in ("0.0.0.0", "::") else args.host
+    return command, f"http://{host}:{args.port}"
+
+
+def cmd_tracking_server(args) -> int:
+    command, uri = tracking_server_command(args)
+    # No job runner (GenAI evaluation jobs objret does not use): it spawns ~10 processes and ~1.5 GB.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(" ".join(command))
+    print(f"tracking URI: {uri}  (set tracking.mlflow_uri: {uri}, or MLFLOW_TRACKING_URI={uri}; UI: {uri})",
+          flush=True)   # before exec replaces this process and its unflushed buffers
     os.execv(sys.executable, command)
     return 0
 
 
 COMMANDS = {"build-index": cmd_build_index, "graph": cmd_graph, "mine": cmd_mine, "eval": cmd_eval, "demo": cmd_demo,
-            "report": cmd_report, "ui": cmd_ui}
+            "report": cmd_report, "ui": cmd_ui, "tracking-server": cmd_tracking_server, "serve": cmd_serve,
+            "dataset": cmd_dataset}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,10 @@ class Params(dict):
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:  # not YAML (e.g. a cron line "* * * * *"): the text itself
+        return text
 
 
 def apply_override(params: dict, assignment: str) -> None:

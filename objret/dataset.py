@@ -57,6 +57,10 @@ class PushResult:
     annotations_uri: str
     changed: bool  # whether annotations.json was written
     updated: int = 0  # annotations of (report, frame) already there, refreshed with new values
+    dvc_md5: str | None = None      # the DVC version of the dataset after this push (objret.dataset_registry)
+    dvc_version: int | None = None  # its number: 1, 2, ...
+    dvc_file: str | None = None     # its .dvc file
+    dvc_pushed: bool = False        # sent to the DVC remote
 
 
 def empty_dataset() -> dict:
@@ -318,3 +322,30 @@ def push(
         changed=changed,
         updated=updated,
     )
+
+
+def publish(source_root: str, dest_root: str, endpoint_url: str | None = None) -> int:
+    """Copy the dataset at ``source_root`` (a folder) to ``dest_root`` (a folder or S3 prefix): the images it
+    lacks first, annotations.json last, so readers there see the old version or the new one, never half of one.
+    A publish that failed (store down) is completed by the next. Returns the number of files written."""
+    source_images = storage.join(source_root, IMAGES_FOLDER)
+    local = storage.list_uris(source_images) if os.path.isdir(source_images) else []
+    dest_images = storage.join(dest_root, IMAGES_FOLDER)
+    try:
+        present = {uri.rsplit("/", 1)[-1] for uri in storage.list_uris(dest_images, endpoint_url)}
+    except StoreError:
+        if storage.is_s3(dest_root):
+            raise
+        present = set()   # a local destination not made yet
+    written = 0
+    for uri in local:
+        name = os.path.basename(uri)
+        if name not in present:   # images are named by frame id and never change
+            storage.write_bytes(storage.join(dest_images, name), storage.read_bytes(uri), endpoint_url)
+            written += 1
+    annotations = storage.read_bytes(storage.join(source_root, ANNOTATIONS_FILE))
+    dest_annotations = storage.join(dest_root, ANNOTATIONS_FILE)
+    if _read_annotations(dest_root, endpoint_url) != annotations:
+        storage.write_bytes(dest_annotations, annotations, endpoint_url)   # the commit point
+        written += 1
+    return written

@@ -45,33 +45,39 @@ class FeatureCache:
         self.dir = Path(root) / cache_key
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cache_key = cache_key
-        self._where: dict[str, Path] | None = None  # frame id -> shard, read from shard headers
+        self._where: dict[str, Path] = {}  # frame id -> shard, read from shard headers
+        self._read: set[Path] = set()      # shards whose header is in _where
 
     def shards(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.safetensors"))
 
     def _locations(self) -> dict[str, Path]:
-        if self._where is None:
-            where = {}
-            for shard in self.shards():
-                with safe_open(shard, framework="numpy") as f:
-                    for frame_id in json.loads(f.metadata()["frames"]):
-                        where[frame_id] = shard
-            self._where = where
+        if not self._read:
+            self._read_new_shards()
         return self._where
 
+    def _read_new_shards(self) -> None:
+        # Only headers not read before: a resumed run over many shards would otherwise reread them all per frame.
+        for shard in self.shards():
+            if shard not in self._read:
+                with safe_open(shard, framework="numpy") as f:
+                    for frame_id in json.loads(f.metadata()["frames"]):
+                        self._where[frame_id] = shard
+                self._read.add(shard)
+
     def _rescanned(self, frame_id: str) -> dict[str, Path]:
-        """The locations, read again from the shards when ``frame_id`` is not among the remembered ones:
-        another process (or another FeatureCache on the same folder) may have written shards since."""
+        """The locations, with shards written since (by another process or another FeatureCache on the same
+        folder) read when ``frame_id`` is not among the remembered ones."""
         if frame_id not in self._locations():
-            self._where = None
-        return self._locations()
+            self._read_new_shards()
+        return self._where
 
     def __contains__(self, frame_id: str) -> bool:
         return frame_id in self._rescanned(frame_id)
 
     def cached_ids(self) -> set[str]:
-        return set(self._locations())
+        self._read_new_shards()
+        return set(self._where)
 
     def write_shard(self, maps: dict[str, dict[str, np.ndarray]], meta: dict) -> Path:
         """Store ``{frame_id: {layer: C x h x w}}`` as one shard, atomically."""
@@ -84,8 +90,9 @@ class FeatureCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(save_safetensors(tensors, metadata=metadata))
         os.replace(tmp, path)
-        if self._where is not None:
+        if self._read:   # already scanned: remember this shard (else the first scan reads it)
             self._where.update({fid: path for fid in frame_ids})
+            self._read.add(path)
         return path
 
     def load(self, frame_ids: Iterable[str], layer: str) -> dict[str, np.ndarray]:

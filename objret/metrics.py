@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
+
+import numpy as np
 
 from objret.bench import Bench, Key, Query
 
@@ -135,8 +138,10 @@ def _entry_key(entry, images) -> Key | None:
     return key if key in images else None
 
 
-def _evaluate_query(bench: Bench, q: Query, entries: list | None, counts: dict[str, int]) -> QueryResult:
-    positives = bench.positives(q)
+def _filtered_ranking(bench: Bench, q: Query, entries: list | None,
+                      counts: dict[str, int]) -> tuple[list[Key], list]:
+    """A query's ranking as scored: unknown images, the query image, junk and non-gallery images removed, a
+    repeated image kept at its first rank; the keys and their boxes."""
     gallery = set(q.gallery)
     ranked: list[Key] = []
     boxes: list = []
@@ -161,7 +166,12 @@ def _evaluate_query(bench: Bench, q: Query, entries: list | None, counts: dict[s
         ranked.append(key)
         boxes.append(entry.get("bbox"))
     counts["unsorted_rankings"] += unsorted
+    return ranked, boxes
 
+
+def _evaluate_query(bench: Bench, q: Query, entries: list | None, counts: dict[str, int]) -> QueryResult:
+    positives = bench.positives(q)
+    ranked, boxes = _filtered_ranking(bench, q, entries, counts)
     loc10 = None
     if q.kind == "instance":
         top_hits = [(key, box) for key, box in zip(ranked[:LOC_K], boxes[:LOC_K]) if key in positives]
@@ -270,6 +280,33 @@ def flat_metrics(report: EvalReport) -> dict[str, float]:
     for name, count in report.warnings.items():
         flat[f"warn_{name}"] = float(count)
     return flat
+
+
+def recall_curve(bench: Bench, results: dict[str, list[dict]]) -> list[tuple[int, float]]:
+    """Mean Recall@K over every bench query for K = 1 .. the longest ranking, as ``(K, recall)`` pairs: the
+    rankings filtered as evaluate() filters them (a query without positives counts 0, as in Recall@K)."""
+    counts: dict[str, int] = defaultdict(int)
+    per_query = []
+    for q in bench.queries:
+        positives = bench.positives(q)
+        ranked, _ = _filtered_ranking(bench, q, results.get(q.id), counts)
+        hits = np.zeros(len(ranked))
+        if positives:
+            hits[[i for i, key in enumerate(ranked) if key in positives]] = 1.0 / len(positives)
+        per_query.append(hits)
+    longest = max((len(h) for h in per_query), default=0)
+    if not per_query or longest == 0:
+        return []
+    total = sum(np.cumsum(np.pad(h, (0, longest - len(h)))) for h in per_query) / len(per_query)
+    return [(k, float(r)) for k, r in enumerate(total, start=1)]
+
+
+def summary_metrics(report: EvalReport) -> dict[str, dict[str, float | None]]:
+    """The aggregates the comparison table shows, keyed by group (class, video_instance, ...): a short metrics
+    file (``dvc metrics show``) beside the full report."""
+    return {g.key: {"n": g.n, "mAP": g.mAP, **{f"R@{k}": v for k, v in g.recall.items()},
+                    **({"Loc@10": g.loc10} if g.kind == "instance" else {})}
+            for g in _shown(report.groups, details=False)}
 
 
 def _cell(value: float | None) -> str:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from objret import storage
 from objret.contact_sheet import contact_sheet, save_png
-from objret.dataset import MinedFrame, PushResult, push
+from objret.dataset import ANNOTATIONS_FILE, MinedFrame, PushResult, publish, push
 from objret.errors import ObjretError
 from objret.features import CacheResult, cache_features, extract_maps
 from objret.region_index import RegionIndex
@@ -41,9 +41,15 @@ def ingest(ws: Workspace, sources: list[str], progress: bool = True) -> list[Ing
                            endpoint_url=ws.s3_endpoint_url, progress=progress) for src in sources]
 
 
-def features(ws: Workspace, progress: bool = True) -> CacheResult:
+def features(ws: Workspace, progress: bool = True, frame_ids: list[str] | None = None) -> CacheResult:
+    """Cache the maps of every lake frame not cached yet (``frame_ids``: of these frames only, one chunk of a
+    scale-out run, objret.chunks)."""
     f = ws.params.section("features")
-    return cache_features(ws.backbone, ws.cache, ws.lake.frames(), lambda uri: load_image(uri, ws.s3_endpoint_url),
+    frames = ws.lake.frames()
+    if frame_ids is not None:
+        wanted = set(frame_ids)
+        frames = [frame for frame in frames if frame.frame_id in wanted]
+    return cache_features(ws.backbone, ws.cache, frames, lambda uri: load_image(uri, ws.s3_endpoint_url),
                           shard_size=int(f.get("shard_size", 64)), batch_size=int(f.get("batch_size", 8)),
                           progress=progress)
 
@@ -56,13 +62,18 @@ class RegionsResult:
     directory: str
 
 
-def regions(ws: Workspace, progress: bool = True) -> RegionsResult:
-    """Regions and raw descriptors of every cached frame not stored yet, from the sources in params.yaml."""
+def regions(ws: Workspace, progress: bool = True, frame_ids: list[str] | None = None) -> RegionsResult:
+    """Regions and raw descriptors of every cached frame not stored yet, from the sources in params.yaml
+    (``frame_ids``: of these cached frames only, one chunk of a scale-out run, objret.chunks)."""
     rp = ws.params.section("regions")
     store = ws.region_store
     done = store.stored_ids()
-    cached = ws.cache.cached_ids()
-    todo = [f for f in ws.lake.frames() if f.frame_id in cached and f.frame_id not in done]
+    if frame_ids is None:
+        cached = ws.cache.cached_ids()
+        todo = [f for f in ws.lake.frames() if f.frame_id in cached and f.frame_id not in done]
+    else:  # cached by other workers maybe: the cache's load() reads their shards, cached_ids() may not know them
+        wanted = set(frame_ids)
+        todo = [f for f in ws.lake.frames() if f.frame_id in wanted and f.frame_id not in done]
     proposer = None
     sources = rp.get("sources", [])
     if "detector" in sources:
@@ -104,19 +115,30 @@ def _dasr_boxes(ws: Workspace, image: np.ndarray, params: dict) -> list[tuple[fl
 
 
 def whitening(ws: Workspace) -> str | None:
-    """Fit PCA-whitening on the lake's region descriptors once (when enabled); returns its version."""
+    """Fit PCA-whitening on the lake's region descriptors (when enabled); returns its version.
+
+    Fitted once, and fitted again when the regions grew by ``refit_growth`` since (a new whitening is a new
+    index: build_index then rebuilds it).
+    """
     w = ws.params.section("regions").get("whitening", {})
     if not w.get("enabled"):
+        (ws.root / "whitening").mkdir(exist_ok=True)   # the folder all the same: a DVC stage's output
         return None
-    if ws.whitening_path.exists():
-        return Whitening.load(str(ws.whitening_path)).version()
     table = ws.region_store.load()
+    fit_record = ws.whitening_path.with_suffix(".json")
+    if ws.whitening_path.exists():
+        fitted_on = json.loads(fit_record.read_text())["regions"] if fit_record.exists() else len(table.descriptors)
+        growth = w.get("refit_growth")
+        if growth is None or len(table.descriptors) < fitted_on * (1 + float(growth)):
+            return Whitening.load(str(ws.whitening_path)).version()
     sample = table.descriptors
     limit = int(w.get("max_samples", 200_000))
     if len(sample) > limit:  # a seeded sample: the fit is stable long before millions of regions
         sample = sample[np.random.default_rng(0).choice(len(sample), limit, replace=False)]
     fitted = fit_whitening(sample, int(w.get("dim", 256)), float(w.get("shrinkage", 0.0)))
-    return fitted.save(str(ws.whitening_path))
+    version = fitted.save(str(ws.whitening_path))
+    storage.write_bytes(str(fit_record), json.dumps({"regions": len(table.descriptors), "version": version}).encode())
+    return version
 
 
 @dataclass
@@ -223,7 +245,10 @@ def graph(ws: Workspace) -> GraphResult:
     vectors, _, _ = graph_nodes(ws, index)
     knn_settings, katz_settings = settings["knn"], settings["katz"]
     k = min(int(knn_settings["k"]), n - 1)
-    if previous is not None and _can_refresh(previous, index, vectors, knn_settings, k):
+    full_nodes = n
+    if (previous is not None and _can_refresh(previous, index, vectors, knn_settings, k)
+            and not _outgrown(previous, n, gp.get("rebuild_growth"))):
+        full_nodes = int(previous.manifest.get("full_nodes", previous.nodes))
         built = refresh_region_graph(previous.knn, vectors, beta=float(knn_settings["beta"]),
                                      recall_sample=int(gp.get("recall_sample", 1000)))
         mode, new_nodes = "refresh", n - previous.nodes
@@ -241,7 +266,7 @@ def graph(ws: Workspace) -> GraphResult:
         "index": {"directory": str(index_dir), "current": index_current, "frames": index.n_frames,
                   "version": index_version(sorted(index.frame_ids)), "frame_ids_sha": _ids_digest(index.frame_ids)},
         "settings": settings,
-        "mode": mode, "new_nodes": new_nodes,
+        "mode": mode, "new_nodes": new_nodes, "full_nodes": full_nodes,
         "stats": {"nodes": built.nodes, "edges": built.edges, "mean_degree": built.mean_degree,
                   "components": built.components, "isolated": built.isolated, "kind": built.knn.kind,
                   "k": built.knn.k, "recall": recall, "graph_seconds": built.build_seconds,
@@ -300,6 +325,14 @@ def _can_refresh(previous, index: RegionIndex, vectors: np.ndarray, knn_settings
         return False
     ids, stored = previous.check()
     return bool(len(ids) and ids.max() < n_old and np.allclose(vectors[ids], stored, atol=1e-4))
+
+
+def _outgrown(previous, nodes: int, growth) -> bool:
+    """The rebuild policy: a graph that grew by ``growth`` (a fraction) since its last full build is built again
+    from scratch (refreshed IVF lists keep the coarse quantiser trained on the old regions)."""
+    if growth is None:
+        return False
+    return nodes >= int(previous.manifest.get("full_nodes", previous.nodes)) * (1 + float(growth))
 
 
 def _ids_digest(frame_ids) -> str:
@@ -772,9 +805,20 @@ def push_mined(ws: Workspace, report: FailureReport, outcome: MiningOutcome) -> 
                                frame_index=k["frame_index"], time_s=k["time_s"],
                                evidence={**k["evidence"], "near_duplicates": len(k["duplicates"])})
                     for k in outcome.mined]
-    return push(ws.dataset_root, report, mined_frames, outcome.provenance,
-                copy_frames=bool(ws.params.section("dataset").get("copy_frames", True)),
-                endpoint_url=ws.s3_endpoint_url)
+    registry = ws.dataset_registry
+    with registry.lock():   # concurrent mining runs take turns: each push builds on the one before
+        result = push(str(registry.dataset_dir), report, mined_frames, outcome.provenance,
+                      copy_frames=bool(ws.params.section("dataset").get("copy_frames", True)),
+                      endpoint_url=ws.s3_endpoint_url)
+        # Every call: a push that changed nothing maps to the version it already is (and a version a killed
+        # run did not record is recorded now).
+        version = registry.commit({"report_id": report.report_id, "annotations_sha": result.version})
+        if ws.dataset_root != str(registry.dataset_dir):
+            publish(str(registry.dataset_dir), ws.dataset_root, ws.s3_endpoint_url)
+            result = replace(result, root=ws.dataset_root,
+                             annotations_uri=storage.join(ws.dataset_root, ANNOTATIONS_FILE))
+    return replace(result, dvc_md5=version.md5, dvc_version=version.number, dvc_file=version.dvc_file,
+                   dvc_pushed=version.pushed)
 
 
 def _save_heatmap(heat: np.ndarray, item: dict, run_dir: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -74,8 +75,19 @@ class Workspace:
         return path
 
     @property
+    def dataset_registry(self):
+        """The DVC repository that versions the retraining dataset (its working copy is the dataset folder)."""
+        from objret.dataset_registry import DatasetRegistry
+
+        dp = self.params.section("dataset")
+        return DatasetRegistry(dp.get("registry") or self.root / "datasets", remote=dp.get("dvc_remote"),
+                               endpoint_url=self.s3_endpoint_url)
+
+    @property
     def dataset_root(self) -> str:
-        return self.params.section("dataset").get("root") or str(self.root / "retraining")
+        """Where the dataset's users read it: dataset.root (each version published there), else the registry's
+        working copy."""
+        return self.params.section("dataset").get("root") or str(self.dataset_registry.dataset_dir)
 
     @property
     def s3_endpoint_url(self) -> str | None:
@@ -83,7 +95,9 @@ class Workspace:
 
     @property
     def tracking_uri(self) -> str:
-        return self.params.section("tracking").get("mlflow_uri") or f"sqlite:///{self.root / 'mlflow.db'}"
+        """tracking.mlflow_uri, else the MLFLOW_TRACKING_URI environment variable, else the work folder's SQLite."""
+        return (self.params.section("tracking").get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{self.root / 'mlflow.db'}")
 
     @property
     def artifact_root(self) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,9 @@ import pytest
 from prefect.logging.configuration import setup_logging  # noqa: E402
 
 setup_logging()
+
+# DVC does the same on import (dvc.logger.setup): import it on the session's streams too.
+import dvc  # noqa: E402,F401
 
 from objret import storage
 
@@ -140,6 +146,66 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    uri: str
+    home: Path   # its SQLite run store (mlflow.db) and log (server.out)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group (mlflow server runs uvicorn as a child), then kill what is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@contextlib.contextmanager
+def _tracking_server(home: Path, artifacts: str):
+    """`objret tracking-server` on 127.0.0.1 at a free port, its SQLite under ``home``, artifacts in ``artifacts``
+    (a folder or s3:// prefix; the server gets this process's environment), until the block ends."""
+    port = _free_port()
+    command = [sys.executable, "-m", "objret.cli", "tracking-server", "--workdir", str(home),
+               "--artifacts-destination", artifacts, "--port", str(port)]
+    log = open(home / "server.out", "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
+    server = TrackingServer(f"http://127.0.0.1:{port}", home)
+    try:
+        deadline = time.monotonic() + 120   # ~10 s on an idle 2-core machine
+        while True:
+            try:
+                with urllib.request.urlopen(f"{server.uri}/health", timeout=5):
+                    break
+            except OSError as exc:   # not listening yet
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = (home / "server.out").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"the MLflow server did not start ({exc}):\n{tail}") from exc
+                time.sleep(0.5)
+        yield server
+    finally:
+        _stop_group(process)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow tracking server per session (SQLite runs, artifacts in a temp folder), as the
+    TrackingServer ``uri`` and ``home``."""
+    home = tmp_path_factory.mktemp("mlflow-server")
+    with _tracking_server(home, str(home / "mlartifacts")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def start_tracking_server():
+    """``with start_tracking_server(home, artifacts) as server``: a test's own server (e.g. S3 artifacts)."""
+    return _tracking_server
 
 
 @pytest.fixture(scope="session")

@@ -102,6 +102,6 @@ def test_demo_builds_a_lake_from_a_video_and_mines_a_report(bench_dir, tmp_path,
     assert "mined 8 frames for report demo-test" in out
     sheet = workdir / "runs" / "mine-demo-test" / "contact_sheet.png"
     assert f"contact sheet      : {sheet}" in out and sheet.is_file()
-    assert str(workdir / "retraining") in out and "MLflow run" in out
-    coco = json.loads((workdir / "retraining" / "annotations.json").read_text())
+    assert str(workdir / "datasets" / "retraining") in out and "MLflow run" in out
+    coco = json.loads((workdir / "datasets" / "retraining" / "annotations.json").read_text())
     assert len(coco["annotations"]) == 8

@@ -67,14 +67,14 @@ def test_mine_flow_pushes_boxes_and_records_the_run(built, bench_dir, tmp_path):
     report_path.write_text(json.dumps(report))
 
     result = mine_flow(report_path=str(report_path), overrides=SMALL, workdir=str(workdir))
-    coco = json.loads((workdir / "retraining" / "annotations.json").read_text())
+    coco = json.loads((workdir / "datasets" / "retraining" / "annotations.json").read_text())
     assert result["mined"] == len(coco["annotations"]) == 5
     assert [c["name"] for c in coco["categories"]] == ["person"]
     for image, ann in zip(coco["images"], coco["annotations"]):
         x, y, w, h = ann["bbox"]
         assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= image["width"] and y + h <= image["height"]
         assert ann["objret"]["report_id"] == "flow-test-1"
-        assert (workdir / "retraining" / image["file_name"]).is_file()
+        assert (workdir / "datasets" / "retraining" / image["file_name"]).is_file()
     # The query's own frame is never mined; the other frames of the pedestrian are found with boxes on people.
     gt = json.loads((bench_dir / "pets09_s2l1" / "annotations.json").read_text())["annotations"]
     mined = json.loads(Path(result["mined_json"]).read_text())["mined"]
@@ -91,8 +91,13 @@ def test_mine_flow_pushes_boxes_and_records_the_run(built, bench_dir, tmp_path):
     assert run.data.params["mining.top_k"] == "5"
     assert run.data.metrics["mined"] == 5
     assert run.data.tags["dataset_version"] == result["dataset"]["version"]
+    # The push is a DVC version of the dataset: its md5 in the run, its .dvc file an artifact.
+    registry = workdir / "datasets"
+    assert run.data.tags["dataset_dvc_md5"] == result["dataset"]["dvc_md5"] == \
+        json.loads((registry / "versions.jsonl").read_text().splitlines()[-1])["md5"]
+    assert result["dataset"]["dvc_md5"] in (registry / "retraining.dvc").read_text()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"contact_sheet.png", "mined.json", "report.json"} <= artifacts
+    assert {"contact_sheet.png", "mined.json", "report.json", "dataset"} <= artifacts
 
     import asyncio
 
@@ -106,6 +111,7 @@ def test_mine_flow_pushes_boxes_and_records_the_run(built, bench_dir, tmp_path):
     again = mine_flow(report_path=str(report_path), overrides=SMALL, workdir=str(workdir))
     assert again["dataset"]["version"] == result["dataset"]["version"]
     assert again["dataset"]["added"] == 0 and not again["dataset"]["changed"]
+    assert again["dataset"]["dvc_md5"] == result["dataset"]["dvc_md5"]   # no new version
 
 
 def test_mine_flow_rejects_a_malformed_report_before_any_work(built, tmp_path):
@@ -148,7 +154,7 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
     # A copy of the built work folder (lake, features, regions, index), so the other tests' folder is untouched.
     first_dir, first = built
     workdir = tmp_path / "work"
-    shutil.copytree(first_dir, workdir, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "runs", "retraining"))
+    shutil.copytree(first_dir, workdir, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "runs", "datasets"))
     ws = Workspace(load_params(None, SMALL), workdir)
     before = RegionIndex.load(ws.current_index_dir())
     old_ids = list(before.frame_ids)
@@ -325,7 +331,7 @@ def test_mine_flow_fuses_diffusion_when_the_report_asks_for_it(built, bench_dir,
     assert mined["provenance"]["diffusion"]["applied"] and mined["report"]["mining"] == {"diffusion": True}
     assert result["mined"] == len(mined["mined"]) == 5
     assert all(m["evidence"]["diffusion"] > 0 for m in mined["mined"])   # the query's neighbourhood reaches them
-    coco = json.loads((workdir / "retraining" / "annotations.json").read_text())
+    coco = json.loads((workdir / "datasets" / "retraining" / "annotations.json").read_text())
     ours = [a["objret"] for a in coco["annotations"] if a["objret"]["report_id"] == "flow-test-diffusion"]
     assert len(ours) == 5 and all(o["diffusion"]["applied"] and "diffusion" in o["evidence"] for o in ours)
     client = mlflow.tracking.MlflowClient(result["tracking_uri"])
@@ -400,3 +406,41 @@ def test_eval_with_diffusion_builds_the_graph_and_fuses_it(prefect_server, tiny_
     runs = client.search_runs(client.get_experiment_by_name("objret").experiment_id)
     assert sorted(r.data.tags["diffusion"] for r in runs) == ["false", "true"]
     assert any(r.data.metrics.get("graph_nodes") == stored.nodes for r in runs)
+
+
+def test_refresh_policies_refit_whitening_and_rebuild_the_graph_once_the_lake_has_grown(built, pets_video,
+                                                                                      pets_video_2, tmp_path):
+    """regions.whitening.refit_growth and graph.rebuild_growth: what a refresh refits after new frames (4 on 24:
+    grown by 1/6, less than the default 1.0, more than 0.1). The default (refresh, keep the fit) is the test above."""
+    import shutil
+
+    from flows.build_index import build_index_flow
+    from objret import pipeline
+    from objret.config import load_params
+    from objret.workspace import Workspace
+
+    first_dir, _ = built
+
+    def copy(name):
+        workdir = tmp_path / name
+        shutil.copytree(first_dir, workdir, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "runs",
+                                                                          "datasets"))
+        return workdir
+
+    both = [str(pets_video), str(pets_video_2)]
+    graph_policy = build_index_flow(sources=both, overrides=[*SMALL, "graph.rebuild_growth=0.1"],
+                                    workdir=str(copy("graph")))
+    assert graph_policy["graph"]["mode"] == "full" and graph_policy["graph"]["new_nodes"] == \
+        graph_policy["index"]["regions"]
+
+    workdir = copy("whitening")
+    whitened = [*SMALL, "regions.whitening.enabled=true", "regions.whitening.dim=64",
+                "regions.whitening.refit_growth=0.1"]
+    before = build_index_flow(sources=[str(pets_video)], overrides=whitened, workdir=str(workdir))
+    after = build_index_flow(sources=both, overrides=whitened, workdir=str(workdir))
+    assert before["index"]["frames"] == 24 and after["index"]["frames"] == 28
+    assert after["whitening"] != before["whitening"]   # refitted on the 28 frames: a new index beside the old
+    assert after["index"]["directory"] != before["index"]["directory"]
+    assert after["graph"]["mode"] == "full" and after["graph"]["nodes"] == after["index"]["regions"]
+    # No growth since the refit: the fit is kept.
+    assert pipeline.whitening(Workspace(load_params(None, whitened), workdir)) == after["whitening"]

@@ -233,3 +233,17 @@ def test_reversed_oracle_and_compare_table(real_bench):
     assert "oracle" in table.splitlines()[0] and "reversed" in table.splitlines()[0]
     paste_row = next(line for line in table.splitlines() if line.startswith("instance/paste_visible"))
     assert paste_row.count("1.000") >= 4 and paste_row.count("|") == 2
+
+
+def test_recall_curve_by_hand_filters_like_evaluate(tiny):
+    from objret.metrics import recall_curve
+
+    noisy_track = _entries("street", [4, 3, 1, 2]) + _entries("street", [1, 6, 7, 8])   # -> 1, 2, 6, 7, 8
+    results = {"qdog": _entries("photos", [2, 3, 4, 5, 6, 7, 8]), "qtrack": noisy_track}
+    dog = [1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3, 1, 1]          # positives at ranks 1, 3, 6 of 7
+    track = [0, 1 / 4, 2 / 4, 3 / 4, 1, 1, 1]                # positives at ranks 2..5 of 5, then all found
+    curve = recall_curve(tiny, results)
+    assert [k for k, _ in curve] == list(range(1, 8))
+    assert [r for _, r in curve] == pytest.approx([(d + t) / 2 for d, t in zip(dog, track)])
+    report = evaluate(tiny, results)
+    assert curve[-1][1] == pytest.approx(sum(q.recall[10] for q in report.queries) / 2)

@@ -112,15 +112,32 @@ class DatasetRegistry:
                          "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
                 with open(self.root / "versions.jsonl", "a") as log:   # appended after the .dvc file exists
                     log.write(json.dumps(entry, sort_keys=True) + "\n")
-            pushed = False
-            if self.remote:
-                try:
-                    repo.push(targets=[str(self.dataset_dir)], remote=REMOTE_NAME)
-                except Exception as exc:   # dvc wraps the store's errors in its own types
-                    raise StoreError(f"dataset version {md5} is saved locally in {self.root} but could not be "
-                                     f"sent to the DVC remote {self.remote}: {type(exc).__name__}: {exc}") from exc
-                pushed = True
+            pushed = self._push_pending(repo) if self.remote else False
         return DatasetVersion(int(entry["number"]), md5, str(self.root / entry["dvc_file"]), pushed)
+
+    def _push_pending(self, repo) -> bool:
+        """Send every version the remote lacks (those made while it was unreachable too), oldest first."""
+        record = self.root / "pushed.json"
+        pushed = set(json.loads(record.read_text())) if record.exists() else set()
+        current = self.root / f"{DATASET_NAME}.dvc"
+        current_bytes = current.read_bytes()
+        try:
+            for version in self.versions():
+                if version["md5"] in pushed:
+                    continue
+                # A .dvc file names the objects to send; they come from the cache, whatever the folder holds.
+                shutil.copyfile(self.root / version["dvc_file"], current)
+                try:
+                    repo.push(targets=[str(current)], remote=REMOTE_NAME)
+                except Exception as exc:   # dvc wraps the store's errors in its own types
+                    raise StoreError(f"dataset version {version['md5']} is saved locally in {self.root} but could "
+                                     f"not be sent to the DVC remote {self.remote} (the next push sends it): "
+                                     f"{type(exc).__name__}: {exc}") from exc
+                pushed.add(version["md5"])
+                storage.write_bytes(str(record), json.dumps(sorted(pushed)).encode())
+        finally:
+            storage.write_bytes(str(current), current_bytes)
+        return True
 
     def checkout(self, md5: str) -> Path:
         """Bring the dataset folder back to version ``md5`` (pulled from the remote when not in the cache)."""

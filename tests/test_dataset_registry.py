@@ -97,12 +97,25 @@ def test_publishing_to_s3_with_wrong_credentials_leaves_the_published_version_wh
     assert publish(str(registry.dataset_dir), root) == 0
 
 
-def test_an_unreachable_dvc_remote_keeps_the_version_locally_and_names_the_remote(tmp_path, frame_paths,
-                                                                                  monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    registry = DatasetRegistry(tmp_path / "datasets", remote="s3://nowhere/datasets",
-                               endpoint_url="http://127.0.0.1:9")   # nothing listens on port 9
-    with pytest.raises(StoreError, match="saved locally .* could not be sent to the DVC remote s3://nowhere"):
-        _push(registry, "rep-1", mined(frame_paths[:2]))
-    assert len(registry.versions()) == 1   # the version exists; the next push sends it
+def test_versions_made_while_the_dvc_remote_is_unreachable_are_sent_by_the_next_push(tmp_path, frame_paths,
+                                                                                     s3_store):
+    _bucket(s3_store, "objret-dataset-later")
+    remote = "s3://objret-dataset-later/datasets"
+    down = DatasetRegistry(tmp_path / "here", remote=remote, endpoint_url="http://127.0.0.1:9")   # nothing there
+    with pytest.raises(StoreError, match="saved locally .* could not be sent to the DVC remote s3://objret-dataset"):
+        _push(down, "rep-1", mined(frame_paths[:2]))
+    assert len(down.versions()) == 1   # the version exists locally
+    v1_bytes = (down.dataset_dir / "annotations.json").read_bytes()
+
+    up = DatasetRegistry(tmp_path / "here", remote=remote, endpoint_url=s3_store.endpoint_url)   # the store is back
+    _, v2 = _push(up, "rep-2", mined(frame_paths[2:4]))
+    assert v2.pushed and v2.number == 2
+    assert s3_store.secret_key not in (up.root / ".dvc" / "config").read_text()   # keys stay in the AWS chain
+
+    # Both versions are on the remote: another machine gets version 1 back from it.
+    there = tmp_path / "there"
+    there.mkdir()
+    shutil.copytree(up.versions_dir, there / "versions")
+    shutil.copy(up.root / "versions.jsonl", there / "versions.jsonl")
+    DatasetRegistry(there, remote=remote, endpoint_url=s3_store.endpoint_url).checkout(down.versions()[0]["md5"])
+    assert (there / "retraining" / "annotations.json").read_bytes() == v1_bytes

@@ -250,13 +250,19 @@ def test_aws_credentials_reach_neither_mlflow_nor_logs_nor_the_console(
     (tmp_path / "server").mkdir()
     with start_tracking_server(tmp_path / "server", "s3://objret-creds/mlflow") as server:
         overrides = SMALL + [f"tracking.mlflow_uri={server.uri}", "tracking.experiment=creds-test",
-                             "dataset.root=s3://objret-creds/retraining", "graph.enabled=false"]
+                             "dataset.root=s3://objret-creds/retraining", "dataset.dvc_remote=s3://objret-creds/dvc",
+                             f"lake.s3_endpoint_url={s3_store.endpoint_url}", "graph.enabled=false"]
         workdir = tmp_path / "work"
         built = build_index_flow(sources=["s3://objret-creds/cams"], overrides=overrides, workdir=str(workdir))
         report = write_report(tmp_path / "report.json", bench_dir, "creds-test-1", {"uri": "000103.jpg"}, 103)
         mined = mine_flow(report_path=str(report), overrides=overrides, workdir=str(workdir))
         assert built["index"]["frames"] == 4 and mined["mined"] == 3
         assert mined["dataset"]["root"] == "s3://objret-creds/retraining"
+        # The dataset version is on the S3 DVC remote and published under the S3 prefix.
+        assert mined["dataset"]["dvc_pushed"] and mined["dataset"]["dvc_version"] == 1
+        assert s3.list_objects_v2(Bucket="objret-creds", Prefix="dvc/").get("KeyCount", 0) > 0
+        published = s3.get_object(Bucket="objret-creds", Key="retraining/annotations.json")["Body"].read()
+        assert published == (workdir / "datasets" / "retraining" / "annotations.json").read_bytes()
 
         # MLflow: every param, tag and metric of both runs, and every artifact (downloaded through the
         # server, which keeps them on S3).

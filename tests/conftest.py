@@ -77,6 +77,23 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def wait_until_up(answers, process: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+    """Poll ``answers()`` (True, or an exception while not listening) until the service answers; a clear error
+    with the tail of its log if the process dies or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if answers():
+                return
+            problem = "not ready"
+        except Exception as exc:  # not listening yet: connection refused, timeouts, HTTP errors
+            problem = exc
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{what} did not start ({problem}):\n{tail}")
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One SeaweedFS per test session, on 127.0.0.1 only, every port a free one (so that test sessions
@@ -106,16 +123,7 @@ def s3_server(tmp_path_factory):
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         client = store.client()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.list_buckets()
-                break
-            except Exception as exc:  # not listening yet
-                if process.poll() is not None or time.monotonic() > deadline:
-                    tail = (home / "weed.out").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"SeaweedFS did not start ({exc}):\n{tail}") from exc
-                time.sleep(0.2)
+        wait_until_up(lambda: client.list_buckets() is not None, process, home / "weed.out", "SeaweedFS", 60)
         yield store
     finally:
         _stop(process)
@@ -154,7 +162,7 @@ class TrackingServer:
     home: Path   # its SQLite run store (mlflow.db) and log (server.out)
 
 
-def _stop_group(process: subprocess.Popen) -> None:
+def stop_group(process: subprocess.Popen) -> None:
     """SIGTERM to the process group (mlflow server runs uvicorn as a child), then kill what is left."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
@@ -177,19 +185,38 @@ def _tracking_server(home: Path, artifacts: str):
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
     server = TrackingServer(f"http://127.0.0.1:{port}", home)
     try:
-        deadline = time.monotonic() + 120   # ~10 s on an idle 2-core machine
-        while True:
-            try:
-                with urllib.request.urlopen(f"{server.uri}/health", timeout=5):
-                    break
-            except OSError as exc:   # not listening yet
-                if process.poll() is not None or time.monotonic() > deadline:
-                    tail = (home / "server.out").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"the MLflow server did not start ({exc}):\n{tail}") from exc
-                time.sleep(0.5)
+        # ~10 s on an idle 2-core machine
+        wait_until_up(lambda: _answers(f"{server.uri}/health"), process, home / "server.out", "the MLflow server",
+                      120)
         yield server
     finally:
-        _stop_group(process)
+        stop_group(process)
+        log.close()
+
+
+def _answers(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.status == 200
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 (its own PREFECT_HOME), for tests that serve deployments
+    from another process: its API URL."""
+    home = tmp_path_factory.mktemp("prefect-api")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.out", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_until_up(lambda: _answers(f"{url}/health"), process, home / "server.out", "prefect server", 120)
+        yield url
+    finally:
+        stop_group(process)
         log.close()
 
 

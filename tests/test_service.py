@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import stop_group
 from objret.report_ledger import ReportLedger
 
 pytestmark = pytest.mark.slow
@@ -26,29 +27,6 @@ FRAMES = [101, 103, 105, 107, 109, 111, 113, 115]   # PETS 2009 frames in the la
 LATER = [117, 119]                                   # frames that land in the lake folder while serving
 SETTINGS = ["features.backbone=efficientnet_lite0", "features.max_side=320", "mining.top_k=3",
             "mining.scales=[0.75,1.0,1.5]"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (servers run children), then SIGKILL what is left."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 def _objret(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -72,35 +50,6 @@ def _wait(what: str, condition, timeout: float, log: Path):
             return value
         time.sleep(2)
     raise AssertionError(f"timed out waiting for {what}; serve log:\n{log.read_text(errors='replace')[-6000:]}")
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 (its own PREFECT_HOME): the API URL."""
-    home = tmp_path_factory.mktemp("prefect-api")
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.out", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("prefect server did not start:\n" + (home / "server.out").read_text()[-3000:])
-            time.sleep(0.5)
-        yield url
-    finally:
-        _stop(process)
-        log.close()
 
 
 def _flow_runs(api: str, deployment: str) -> list[dict]:
@@ -177,7 +126,7 @@ def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_sc
             serve.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-        _stop(serve)
+        stop_group(serve)
 
     # One mining run per accepted report: re-submission and the watched duplicate started none.
     runs = _flow_runs(prefect_api, "mine-report/mine")

@@ -12,6 +12,7 @@ from objret import storage
 from objret.bench import load_bench
 from objret.config import load_params
 from objret.discovery import load_discovery
+from objret.eval_plots import draw, plot_data
 from objret.evaluate import evaluate_methods
 from objret.graph_store import open_diffusion
 from objret.metrics import compare_table, flat_metrics, format_table, recall_curve, summary_metrics
@@ -70,7 +71,7 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
                                 region_params=dict(ws.params.section("regions")), whitening=ws.load_whitening(),
                                 backbone=ws.backbone, diffusion=diffusion, discovery=discovery)
         summary = {}
-        aggregates, curve = {}, ["k,method,recall"]
+        aggregates, curve, curves = {}, ["k,method,recall"], {}
         for i, run in enumerate(runs):
             out = results_path_for(results, run.method, i == 0)
             storage.write_bytes(out, json.dumps(run.results).encode())
@@ -84,16 +85,22 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
             mlflow.log_artifact(str(metrics_file))
             summary[run.method] = {"results": out, "metrics": flat, "seconds_per_query": run.seconds_per_query}
             aggregates[run.method] = {"seconds_per_query": run.seconds_per_query, **summary_metrics(run.report)}
-            curve += [f"{k},{run.method},{r:.6f}" for k, r in recall_curve(bench, run.results)]
+            curves[run.method] = recall_curve(bench, run.results)
+            curve += [f"{k},{run.method},{r:.6f}" for k, r in curves[run.method]]
         summary_json = summary_json or beside(results, "summary.json")
         curve_csv = curve_csv or beside(results, "recall_at_k.csv")
         storage.write_bytes(summary_json, json.dumps(aggregates, indent=1).encode())
         storage.write_bytes(curve_csv, ("\n".join(curve) + "\n").encode())
         mlflow.log_artifact(curve_csv)
+        plots = {}
+        for name, data in plot_data({run.method: run.report for run in runs}, curves).items():
+            plots[name] = beside(results, f"{name}.png")
+            storage.write_bytes(plots[name], draw(name, data))
+            mlflow.log_artifact(plots[name], "plots")
         table = compare_table({run.method: run.report for run in runs})
         mlflow.log_text(table, "eval_table.txt")
         details = "\n\n".join(f"{run.method}  ({run.seconds_per_query * 1000:.0f} ms per query)\n"
                                 f"{format_table(run.report, details=True)}" for run in runs)
         mlflow.log_text(details, "eval_details.txt")
         get_run_logger().info("\n%s", table)
-        return {"table": table, "details": details, "methods": summary}
+        return {"table": table, "details": details, "methods": summary, "plots": plots}

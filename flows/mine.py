@@ -26,7 +26,16 @@ def mine_flow(report_path: str, params_path: str | None = None, overrides: list[
         mlflow.log_artifact(outcome.mined_json)
         mlflow.log_artifact(outcome.contact_sheet)
         mlflow.log_dict(report.to_dict(), "report.json")
+        # The page a labeller reviews the frames on; its exported decisions carry this run's ids.
+        page_run = {"mlflow_run_id": run.info.run_id, "dataset_version": pushed["dvc_version"],
+                    "dataset_dvc_md5": pushed["dvc_md5"], "annotations_sha": pushed["version"],
+                    "mined_json": outcome.mined_json}
+        if pushed["rejected"]:
+            page_run["not_pushed_rejected_before"] = pushed["rejected"]
+        page = steps.review_page(ws, outcome, page_run)
+        mlflow.log_artifact(page["path"])
         return {"report_id": report.report_id, "mined": len(outcome.mined), "dataset": pushed,
                 "contact_sheet": outcome.contact_sheet, "mined_json": outcome.mined_json,
+                "review_page": page["uri"], "review_page_run": page["path"],
                 "mlflow_run_id": run.info.run_id, "mlflow_experiment_id": run.info.experiment_id,
                 "tracking_uri": ws.tracking_uri, "timings": outcome.timings}

@@ -70,7 +70,14 @@ def _package_file(package: str, relative: str) -> Path:
 
 
 def _load_state_dict(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # weights_only: tensors and plain containers only; a pickle that would build any other object (and run its
+    # code) is refused rather than executed.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ... for a file that is not a state_dict
+        lines = str(exc).splitlines() or [""]
+        why = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])  # what it would run
+        raise ObjretError(f"{path}: not a plain state_dict file, refused ({type(exc).__name__}: {why})") from exc
 
 
 def _efficientnet_lite(variant: str, layers: tuple[str, ...], max_side: int) -> Backbone:

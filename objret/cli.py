@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("md5", help="the version's DVC md5 (a unique prefix is enough)")
     _common(v)
 
+    p = sub.add_parser("review", help="reviews of mining runs (the review page each run writes)")
+    review_sub = p.add_subparsers(dest="review_command", required=True)
+    v = review_sub.add_parser("apply", help="apply a review page's exported decisions to the retraining dataset: "
+                                              "rejected frames removed (and never pushed again), the rest kept; "
+                                              "a new dataset version")
+    v.add_argument("decisions", help="the DECISIONS.json the review page exported")
+    _common(v)
+
     p = sub.add_parser("serve", help="serve the deployments: report-triggered mining, scheduled index refresh, "
                                       "report folder watch (needs a Prefect server: PREFECT_API_URL)")
     _common(p)
@@ -136,6 +144,7 @@ def _print_mining(result: dict) -> None:
     print(f"  COCO annotations   : {ds['annotations_uri']}")
     print(f"  contact sheet      : {result['contact_sheet']}")
     print(f"  mined list         : {result['mined_json']}")
+    print(f"  review page        : {result['review_page']}  (open it in a browser; also in the MLflow run)")
     print(f"  MLflow run         : {result['mlflow_run_id']} (experiment {result['mlflow_experiment_id']}) in "
           f"{result['tracking_uri']}")
     if result["tracking_uri"].startswith(("http://", "https://")):   # a tracking server serves its own UI
@@ -170,6 +179,8 @@ def cmd_eval(args) -> int:
     print(result["table"])
     for method, info in result["methods"].items():
         print(f"{method}: {info['seconds_per_query'] * 1000:.0f} ms per query, results in {info['results']}")
+    for name, path in result["plots"].items():
+        print(f"plot {name}: {path}")
     return 0
 
 
@@ -238,6 +249,27 @@ def cmd_dataset(args) -> int:
     return 0
 
 
+def cmd_review(args) -> int:
+    from objret.decisions import DecisionsError, load_decisions
+    from objret.pipeline import apply_review
+
+    try:
+        decisions = load_decisions(args.decisions)
+    except DecisionsError as exc:
+        print(f"objret: {exc}", file=sys.stderr)
+        return 2
+    r = apply_review(_workspace(args), decisions)
+    print(f"review of report {r.report_id} applied: {r.rejected} rejected, {r.accepted} accepted")
+    print(f"  removed            : {r.removed} annotations, {r.images_removed} images"
+          + (f" ({len(r.not_in_dataset)} rejected frames were not in the dataset)" if r.not_in_dataset else ""))
+    print(f"  kept               : {r.kept} annotations of the report")
+    print(f"  remembered         : {r.remembered} frames rejected for the report (a re-mine does not push them)")
+    print(f"  retraining dataset : {r.root}")
+    print(f"  dataset version    : {r.dvc_version} (DVC md5 {r.dvc_md5}"
+          f"{', sent to the DVC remote' if r.dvc_pushed else ''}{'' if r.changed else '; unchanged'})")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from prefect.settings import PREFECT_API_URL
 
@@ -296,7 +328,7 @@ def cmd_tracking_server(args) -> int:
 
 COMMANDS = {"build-index": cmd_build_index, "graph": cmd_graph, "mine": cmd_mine, "eval": cmd_eval, "demo": cmd_demo,
             "report": cmd_report, "ui": cmd_ui, "tracking-server": cmd_tracking_server, "serve": cmd_serve,
-            "dataset": cmd_dataset}
+            "dataset": cmd_dataset, "review": cmd_review}
 
 
 def main(argv: list[str] | None = None) -> int:

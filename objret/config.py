@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,14 @@ class Params(dict):
     def digest(self) -> str:
         """A short hash of every value, for tagging runs and artifacts."""
         return hashlib.sha256(json.dumps(self, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the user:password part of every URL in it replaced by ``***`` (parameters are logged)."""
+    return _URL_USERINFO.sub(r"\1***@", text)
 
 
 def _parse_value(text: str) -> Any:

@@ -61,6 +61,7 @@ class PushResult:
     dvc_version: int | None = None  # its number: 1, 2, ...
     dvc_file: str | None = None     # its .dvc file
     dvc_pushed: bool = False        # sent to the DVC remote
+    rejected: int = 0               # mined frames not pushed: rejected for the report by a review (objret.decisions)
 
 
 def empty_dataset() -> dict:
@@ -322,6 +323,58 @@ def push(
         changed=changed,
         updated=updated,
     )
+
+
+@dataclass
+class RemoveResult:
+    root: str
+    version: str           # sha256[:12] of the annotations.json bytes now at root
+    removed: int           # annotations removed
+    images_removed: int    # images no annotation used any more, removed with them
+    kept: int              # annotations of the report still there
+    not_found: list[str]   # frames the report had no annotation on
+    changed: bool          # whether annotations.json was written
+
+
+def remove_frames(root: str, report_id: str, frame_ids, *, endpoint_url: str | None = None) -> RemoveResult:
+    """Remove the annotations of ``report_id`` on ``frame_ids`` from the dataset at ``root``, and the images no
+    annotation uses any more (their entry and, for copied frames, their file). Other reports' annotations on the
+    same frames stay. annotations.json is written first (the commit point), the freed image files deleted after:
+    a removal that dies half-way leaves unused files, never an annotation without its image."""
+    root = str(root)
+    annotations_uri = storage.join(root, ANNOTATIONS_FILE)
+    old_bytes = _read_annotations(root, endpoint_url)
+    if old_bytes is None:
+        raise ObjretError(f"no retraining dataset at {root} ({ANNOTATIONS_FILE} is missing): mine a report first")
+    coco = _parse_annotations(old_bytes, annotations_uri)
+    frame_of_image = {image["id"]: image.get("frame_id") for image in coco["images"]}
+    drop = set(frame_ids)
+
+    def reported(ann: dict) -> bool:
+        return isinstance(ann.get("objret"), dict) and ann["objret"].get("report_id") == report_id
+
+    removed = [a for a in coco["annotations"] if reported(a) and frame_of_image.get(a["image_id"]) in drop]
+    removed_ids = {id(a) for a in removed}
+    coco["annotations"] = [a for a in coco["annotations"] if id(a) not in removed_ids]
+    used = {a["image_id"] for a in coco["annotations"]}
+    freed = [image for image in coco["images"]
+             if image["id"] not in used and image["id"] in {a["image_id"] for a in removed}]
+    freed_ids = {image["id"] for image in freed}
+    coco["images"] = [image for image in coco["images"] if image["id"] not in freed_ids]
+    if removed:
+        coco["info"].setdefault("reviews", []).append(
+            {"report_id": report_id, "removed": len(removed), "images_removed": len(freed),
+             "parent_version": dataset_version(old_bytes)})
+    new_bytes = dataset_bytes(coco)
+    changed = new_bytes != old_bytes
+    if changed:
+        storage.write_bytes(annotations_uri, new_bytes, endpoint_url)   # the commit point
+    for image in freed:
+        if image["file_name"].startswith(f"{IMAGES_FOLDER}/"):   # a copied frame (else the lake's own file)
+            storage.delete(storage.join(root, image["file_name"]), endpoint_url)
+    found = {frame_of_image.get(a["image_id"]) for a in removed}
+    return RemoveResult(root, dataset_version(new_bytes), len(removed), len(freed),
+                        sum(1 for a in coco["annotations"] if reported(a)), sorted(drop - found), changed)
 
 
 def publish(source_root: str, dest_root: str, endpoint_url: str | None = None) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +63,10 @@ class DatasetRegistry:
         from dvc.repo import Repo
 
         if not (self.root / ".dvc").is_dir():
+            # The versions' .dvc files are records, not stages: DVC would see overlapping outputs. Written
+            # before the init (which keeps it), so that a run killed in between still gets it next time.
+            storage.write_bytes(str(self.root / ".dvcignore"), b"/versions/\n")
             Repo.init(str(self.root), no_scm=True).close()
-            # The versions' .dvc files are records, not stages: DVC would see overlapping outputs.
-            with open(self.root / ".dvcignore", "a") as ignore:
-                ignore.write("/versions/\n")
         repo = Repo(str(self.root))
         try:
             if self.remote:
@@ -97,6 +96,8 @@ class DatasetRegistry:
         """Record the dataset folder as it is now (call with ``lock()`` held, after the push wrote it)."""
         if not (self.dataset_dir / "annotations.json").is_file():
             raise ObjretError(f"no dataset to version in {self.dataset_dir}")
+        for folder in (self.dataset_dir, self.dataset_dir / "images"):   # a killed push's temp files: not data
+            storage.remove_stale_temps(folder)
         with self._repo() as repo:
             repo.add(str(self.dataset_dir))
             md5 = _md5_of(self.root / f"{DATASET_NAME}.dvc")
@@ -110,8 +111,10 @@ class DatasetRegistry:
                 storage.write_bytes(str(dvc_file), (self.root / f"{DATASET_NAME}.dvc").read_bytes())
                 entry = {"number": number, "md5": md5, "dvc_file": str(dvc_file.relative_to(self.root)),
                          "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
-                with open(self.root / "versions.jsonl", "a") as log:   # appended after the .dvc file exists
-                    log.write(json.dumps(entry, sort_keys=True) + "\n")
+                # After the .dvc file exists; the whole log rewritten atomically, never a cut-off last line.
+                log = self.root / "versions.jsonl"
+                before = log.read_bytes() if log.exists() else b""
+                storage.write_bytes(str(log), before + (json.dumps(entry, sort_keys=True) + "\n").encode())
             pushed = self._push_pending(repo) if self.remote else False
         return DatasetVersion(int(entry["number"]), md5, str(self.root / entry["dvc_file"]), pushed)
 
@@ -126,7 +129,7 @@ class DatasetRegistry:
                 if version["md5"] in pushed:
                     continue
                 # A .dvc file names the objects to send; they come from the cache, whatever the folder holds.
-                shutil.copyfile(self.root / version["dvc_file"], current)
+                storage.write_bytes(str(current), (self.root / version["dvc_file"]).read_bytes())   # atomic
                 try:
                     repo.push(targets=[str(current)], remote=REMOTE_NAME)
                 except Exception as exc:   # dvc wraps the store's errors in its own types
@@ -146,7 +149,7 @@ class DatasetRegistry:
             raise ObjretError(f"{'no' if not match else 'more than one'} dataset version matches {md5!r} in "
                               f"{self.root} (versions.jsonl lists them)")
         with self.lock(), self._repo() as repo:
-            shutil.copyfile(self.root / match[0]["dvc_file"], self.root / f"{DATASET_NAME}.dvc")
+            storage.write_bytes(str(self.root / f"{DATASET_NAME}.dvc"), (self.root / match[0]["dvc_file"]).read_bytes())
             target = str(self.root / f"{DATASET_NAME}.dvc")
             if self.remote:
                 repo.pull(targets=[target], remote=REMOTE_NAME, force=True)

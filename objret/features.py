@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 from tqdm import tqdm
 
+from objret import storage
 from objret.backbone import Backbone, pick_device, preprocess
 from objret.errors import BadFrameError, ObjretError
 
@@ -87,9 +87,7 @@ class FeatureCache:
         name = hashlib.sha1("\n".join(frame_ids).encode()).hexdigest()[:16]
         path = self.dir / f"shard-{name}.safetensors"
         metadata = {"frames": json.dumps(frame_ids), **{k: str(v) for k, v in meta.items()}}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(save_safetensors(tensors, metadata=metadata))
-        os.replace(tmp, path)
+        storage.write_bytes(str(path), save_safetensors(tensors, metadata=metadata))   # temp + fsync + rename
         if self._read:   # already scanned: remember this shard (else the first scan reads it)
             self._where.update({fid: path for fid in frame_ids})
             self._read.add(path)
@@ -172,6 +170,7 @@ def cache_features(backbone: Backbone, cache: FeatureCache, frames: Sequence, re
 
     Undecodable frames are reported in ``failed`` and skipped; the rest are cached.
     """
+    storage.remove_stale_temps(cache.dir)   # what killed runs left half-written
     todo = [f for f in frames if f.frame_id not in cache]
     already = len(frames) - len(todo)
     failed: list[tuple[str, str]] = []

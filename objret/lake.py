@@ -1,9 +1,11 @@
 """The lake: every frame objret can mine, listed in a manifest with a stable content-hash id.
 
-Sources are a folder of images (recursive), a video file (every Nth frame or a target rate) or an S3
-prefix of images. The manifest is ``<root>/manifest.sqlite``: one committed transaction per batch, so a
-killed ingestion keeps everything it committed, and re-running it skips what is already there.
-Video frames are decoded once and stored as JPEG under ``<root>/frames/<frame_id>.jpg``.
+Sources are a folder of images and videos (recursive), a video file (every Nth frame or a target rate) or
+an S3 prefix of images. A file that does not decode, is cut short, or is too large or too small to be a frame
+(``max_pixels``, ``min_side``) is reported by name and skipped; the rest is ingested. The manifest is
+``<root>/manifest.sqlite``: one committed transaction per batch, so a killed ingestion keeps everything it
+committed, and re-running it skips what is already there. Video frames are decoded once and stored as JPEG
+under ``<root>/frames/<frame_id>.jpg``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import io
 import math
 import os
 import sqlite3
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from objret import storage
@@ -29,6 +32,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 VIDEO_EXTENSIONS = frozenset({".avi", ".mp4", ".mov", ".mkv", ".webm"})
 BATCH_SIZE = 64  # frames per manifest transaction: a killed run redoes at most this many
 JPEG_QUALITY = 95  # stored video frames: near-lossless, about a tenth of PNG's size
+# An image over this many pixels is skipped rather than decoded (a 20000 x 20000 RGB frame is 1.2 GB in memory);
+# Pillow itself refuses over 2 x Image.MAX_IMAGE_PIXELS (179 M) whatever this says.
+MAX_PIXELS = 100_000_000
+MIN_SIDE = 32  # a shorter image side is no frame (under one cell of the stride-32 feature map at full size)
 _S3_VIDEO_ERROR = "{uri}: videos on S3 are not supported yet (download the file and ingest it locally)"
 
 _SCHEMA = """
@@ -98,28 +105,45 @@ def is_video(uri: str | Path) -> bool:
     return _extension(str(uri)) in VIDEO_EXTENSIONS
 
 
-def _decode_image(uri: str, data: bytes) -> Image.Image:
-    """Fully decode, so a truncated file fails here and not later in the pipeline."""
+def _decode_image(uri: str, data: bytes, max_pixels: int = MAX_PIXELS, min_side: int = 1) -> Image.Image:
+    """Fully decode, so a truncated file fails here and not later in the pipeline. The size is checked from the
+    header first: an oversized image is refused before its pixels take any memory."""
     if not data:
         raise BadFrameError(f"{uri}: empty file")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadFrameError(f"{uri}: image too large, not decoded: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise BadFrameError(f"{uri}: cannot decode image: not in an image format Pillow reads") from exc
     except Exception as exc:  # Pillow raises many types for bad data
+        raise BadFrameError(f"{uri}: cannot decode image: {exc}") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadFrameError(f"{uri}: image too large, not decoded: {width}x{height} is {width * height} pixels, "
+                            f"more than lake.max_pixels ({max_pixels})")
+    if min(width, height) < min_side:
+        raise BadFrameError(f"{uri}: image too small: {width}x{height}, a side under lake.min_side ({min_side} px)")
+    try:
+        image.load()
+    except Exception as exc:
         raise BadFrameError(f"{uri}: cannot decode image: {exc}") from exc
     return image
 
 
-def load_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:
-    """The pixels at ``uri`` as RGB uint8 (H, W, 3). BadFrameError if they do not decode, StoreError if
-    they cannot be read."""
-    image = _decode_image(uri, storage.read_bytes(uri, endpoint_url))
+def load_image(uri: str, endpoint_url: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The pixels at ``uri`` as RGB uint8 (H, W, 3). BadFrameError if they do not decode (or hold more than
+    ``max_pixels``), StoreError if they cannot be read."""
+    image = _decode_image(uri, storage.read_bytes(uri, endpoint_url), max_pixels)
     return np.asarray(image.convert("RGB"))
 
 
-def _image_frame(uri: str, source: str, endpoint_url: str | None) -> Frame:
+def _image_frame(uri: str, source: str, endpoint_url: str | None, max_pixels: int = MAX_PIXELS,
+                 min_side: int = MIN_SIDE) -> Frame:
     data = storage.read_bytes(uri, endpoint_url)
-    image = _decode_image(uri, data)
+    image = _decode_image(uri, data, max_pixels, min_side)
     width, height = image.size
     return Frame(hashlib.sha256(data).hexdigest(), uri, uri, source, None, None, width, height)
 
@@ -198,6 +222,11 @@ class Lake:
             raise ObjretError(f"{wanted!r} is ambiguous in the lake: it names {len(frame_ids)} frames")
         return self.get(frame_ids[0]) if frame_ids else None
 
+    def sources(self) -> list[str]:
+        """Every source frames were ingested from (folders, videos, image files, S3 prefixes)."""
+        with self._connect() as conn:
+            return [source for (source,) in conn.execute("SELECT DISTINCT source FROM frames ORDER BY source")]
+
     def version(self) -> str:
         """A short hash of the ordered frame ids: it changes whenever frames are added."""
         digest = hashlib.sha256()
@@ -209,36 +238,50 @@ class Lake:
     # ---- ingestion ----------------------------------------------------------------------------------
 
     def ingest(self, source: str, *, every_n: int = 1, fps: float | None = None,
-               endpoint_url: str | None = None, progress: bool = True) -> IngestResult:
+               endpoint_url: str | None = None, progress: bool = True, max_pixels: int = MAX_PIXELS,
+               min_side: int = MIN_SIDE) -> IngestResult:
         """Add the frames of ``source`` (folder, video file, image file or s3:// prefix) that the lake
-        does not hold yet. Bad files are reported in ``errors`` and skipped."""
+        does not hold yet. Bad files are reported in ``errors`` and skipped: images that do not decode, hold
+        more than ``max_pixels`` or have a side under ``min_side`` pixels, videos that do not open (a video cut
+        short keeps the frames before the cut)."""
+        limits = (int(max_pixels), int(min_side))
         if every_n < 1:
             raise ObjretError(f"every_n must be at least 1, got {every_n}")
         if fps is not None and not fps > 0:
             raise ObjretError(f"fps must be positive, got {fps}")
         source = str(source)
         if storage.is_s3(source):
-            return self._ingest_s3(source, endpoint_url, progress)
+            return self._ingest_s3(source, endpoint_url, progress, limits)
         path = Path(source).expanduser()
         if not path.exists():
             raise StoreError(f"lake source not found: {source}")
         source = os.path.abspath(path)
         if path.is_dir():
-            return self._ingest_images(source, self._images_in_folder(source), None, progress)
+            return self._ingest_folder(source, every_n, fps, progress, limits)
         if is_video(source):
             return self._ingest_video(source, every_n, fps, progress)
         if is_image(source):
-            return self._ingest_images(source, [source], None, progress)
+            return self._ingest_images(source, [source], None, progress, limits)
         raise ObjretError(f"{source}: not a folder, an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
                           f"or a video ({', '.join(sorted(VIDEO_EXTENSIONS))})")
 
-    def _images_in_folder(self, folder: str) -> list[str]:
+    def _ingest_folder(self, folder: str, every_n: int, fps: float | None, progress: bool,
+                       limits: tuple[int, int]) -> IngestResult:
+        """The folder's images, then each of its videos as a video source (its frames' source is the video)."""
         own = str(self.root) + os.sep  # a lake inside the folder must not ingest its own stored frames
-        return [uri for uri in storage.list_uris(folder) if is_image(uri) and not uri.startswith(own)]
+        uris = [uri for uri in storage.list_uris(folder) if not uri.startswith(own)]
+        result = self._ingest_images(folder, [uri for uri in uris if is_image(uri)], None, progress, limits)
+        for video in (uri for uri in uris if is_video(uri)):
+            part = self._ingest_video(video, every_n, fps, progress)
+            result.added += part.added
+            result.skipped += part.skipped
+            result.errors += part.errors
+        return result
 
-    def _ingest_s3(self, source: str, endpoint_url: str | None, progress: bool) -> IngestResult:
+    def _ingest_s3(self, source: str, endpoint_url: str | None, progress: bool,
+                   limits: tuple[int, int]) -> IngestResult:
         if is_image(source):
-            return self._ingest_images(source, [source], endpoint_url, progress)
+            return self._ingest_images(source, [source], endpoint_url, progress, limits)
         if is_video(source):
             return IngestResult(source, errors=[(source, _S3_VIDEO_ERROR.format(uri=source))])
         source = source.rstrip("/")
@@ -246,12 +289,12 @@ class Lake:
         if not uris:
             raise StoreError(f"lake source not found: nothing under {source}")
         videos = [uri for uri in uris if is_video(uri)]
-        result = self._ingest_images(source, [uri for uri in uris if is_image(uri)], endpoint_url, progress)
+        result = self._ingest_images(source, [uri for uri in uris if is_image(uri)], endpoint_url, progress, limits)
         result.errors += [(uri, _S3_VIDEO_ERROR.format(uri=uri)) for uri in videos]
         return result
 
-    def _ingest_images(self, source: str, uris: list[str], endpoint_url: str | None,
-                       progress: bool) -> IngestResult:
+    def _ingest_images(self, source: str, uris: list[str], endpoint_url: str | None, progress: bool,
+                       limits: tuple[int, int] = (MAX_PIXELS, MIN_SIDE)) -> IngestResult:
         result = IngestResult(source)
         with self._connect() as conn:
             batch = _Batch(conn, result)
@@ -260,9 +303,12 @@ class Lake:
                     result.skipped += 1
                     continue
                 try:
-                    batch.add(_image_frame(uri, source, endpoint_url))
+                    batch.add(_image_frame(uri, source, endpoint_url, *limits))
                 except BadFrameError as exc:
                     result.errors.append((uri, str(exc)))
+                except StoreError:
+                    batch.commit()   # the store failed: keep the frames read so far, the next ingest goes on
+                    raise
             batch.commit()
         return result
 

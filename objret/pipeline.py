@@ -5,6 +5,7 @@ Prefect tasks in ``tasks/`` wrap these one to one; a notebook can call them dire
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import warnings
@@ -18,17 +19,20 @@ from tqdm import tqdm
 from objret import storage
 from objret.contact_sheet import contact_sheet, save_png
 from objret.dataset import ANNOTATIONS_FILE, MinedFrame, PushResult, publish, push
-from objret.errors import ObjretError
+from objret.decisions import ApplyResult, Decisions, apply_decisions, rejected_frames
+from objret.errors import ObjretError, StoreError
 from objret.features import CacheResult, cache_features, extract_maps
 from objret.region_index import RegionIndex
 from objret.regions import frame_regions, pool_regions
+from objret.review import write_review_page
 from objret.whitening import Whitening, fit_whitening
-from objret.lake import Frame, IngestResult, load_image
+from objret.lake import MAX_PIXELS, MIN_SIDE, Frame, IngestResult, load_image
 from objret.lakemaps import region_vectors
 from objret.mining import TEMPLATE_METHODS, RegionVectors, collapse_near_duplicates, rank
 from objret.pooling import box_to_cells
 from objret.query import QueryObject, mirrored_view
 from objret.report import FailureReport, check_box_in_frame
+from objret.roots import resolve_report_frame, workspace_roots
 from objret.search import LakeSearch
 from objret.workspace import Workspace
 
@@ -38,7 +42,9 @@ def ingest(ws: Workspace, sources: list[str], progress: bool = True) -> list[Ing
     if not sources:
         raise ObjretError("no lake sources: name a folder, a video file or an s3:// prefix (lake.sources)")
     return [ws.lake.ingest(src, every_n=int(lake_params.get("video_every_n") or 1), fps=lake_params.get("video_fps"),
-                           endpoint_url=ws.s3_endpoint_url, progress=progress) for src in sources]
+                           endpoint_url=ws.s3_endpoint_url, progress=progress,
+                           max_pixels=int(lake_params.get("max_pixels") or MAX_PIXELS),
+                           min_side=int(lake_params.get("min_side") or MIN_SIDE)) for src in sources]
 
 
 def features(ws: Workspace, progress: bool = True, frame_ids: list[str] | None = None) -> CacheResult:
@@ -67,6 +73,7 @@ def regions(ws: Workspace, progress: bool = True, frame_ids: list[str] | None = 
     (``frame_ids``: of these cached frames only, one chunk of a scale-out run, objret.chunks)."""
     rp = ws.params.section("regions")
     store = ws.region_store
+    storage.remove_stale_temps(store.dir)   # batches that killed runs left half-written
     done = store.stored_ids()
     if frame_ids is None:
         cached = ws.cache.cached_ids()
@@ -125,20 +132,27 @@ def whitening(ws: Workspace) -> str | None:
         (ws.root / "whitening").mkdir(exist_ok=True)   # the folder all the same: a DVC stage's output
         return None
     table = ws.region_store.load()
+    storage.remove_stale_temps(ws.whitening_path.parent)
     fit_record = ws.whitening_path.with_suffix(".json")
+    record = json.loads(fit_record.read_text()) if fit_record.exists() else None
     if ws.whitening_path.exists():
-        fitted_on = json.loads(fit_record.read_text())["regions"] if fit_record.exists() else len(table.descriptors)
-        growth = w.get("refit_growth")
-        if growth is None or len(table.descriptors) < fitted_on * (1 + float(growth)):
-            return Whitening.load(str(ws.whitening_path)).version()
+        current = Whitening.load(str(ws.whitening_path))
+        # The record is written before the whitening: one that names another version is a fit a kill cut short.
+        if record is None or record.get("version") == current.version():
+            fitted_on = record["regions"] if record else len(table.descriptors)
+            growth = w.get("refit_growth")
+            if growth is None or len(table.descriptors) < fitted_on * (1 + float(growth)):
+                return current.version()
     sample = table.descriptors
     limit = int(w.get("max_samples", 200_000))
     if len(sample) > limit:  # a seeded sample: the fit is stable long before millions of regions
         sample = sample[np.random.default_rng(0).choice(len(sample), limit, replace=False)]
     fitted = fit_whitening(sample, int(w.get("dim", 256)), float(w.get("shrinkage", 0.0)))
-    version = fitted.save(str(ws.whitening_path))
-    storage.write_bytes(str(fit_record), json.dumps({"regions": len(table.descriptors), "version": version}).encode())
-    return version
+    # Record first, whitening second: a kill in between leaves a record the whitening does not match (refitted
+    # next time), never a whitening without its record.
+    storage.write_bytes(str(fit_record), json.dumps({"regions": len(table.descriptors),
+                                                     "version": fitted.version()}).encode())
+    return fitted.save(str(ws.whitening_path))
 
 
 @dataclass
@@ -656,16 +670,12 @@ class MiningOutcome:
 
 
 def resolve_query(ws: Workspace, report: FailureReport) -> tuple[Frame | None, np.ndarray | None, str]:
-    """The report's frame: a lake frame (by id or URI) or, for an image outside the lake, its pixels."""
-    lake = ws.lake
-    if report.frame_id:
-        return lake.get(report.frame_id), None, report.frame_id
-    frame = lake.find(report.frame_uri, report.frame_index)
+    """The report's frame: a lake frame (by id or URI) or, for an image outside the lake, its pixels: only under
+    the lake sources or the work folder (objret.roots; anything else is a ReportError naming the field)."""
+    frame, uri = resolve_report_frame(ws.lake, report, workspace_roots(ws))
     if frame is not None:
-        return frame, None, frame.uri
-    if report.frame_index is not None:
-        raise ObjretError(f"report {report.report_id}: frame {report.frame_uri}#{report.frame_index} is not in the lake")
-    return None, load_image(report.frame_uri, ws.s3_endpoint_url), report.frame_uri
+        return frame, None, uri
+    return None, load_image(uri, ws.s3_endpoint_url), uri
 
 
 def query_object(ws: Workspace, report: FailureReport) -> tuple[QueryObject, dict]:
@@ -746,6 +756,11 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
         ranked.append({**asdict(frame), "score": float(ranking.scores[i]),
                        "box": [float(v) for v in ranking.boxes[i]], "evidence": ranking.evidence.get(frame.frame_id, {})})
     kept = collapse_near_duplicates(ranked, int(m.get("dedup_frames", 10)), float(m.get("dedup_iou", 0.3)))[:top_k]
+    by_id = {r["frame_id"]: r for r in ranked}
+    for item in kept:   # what the review page shows of a collapsed group
+        item["duplicate_frames"] = [{k: by_id[f][k] for k in ("frame_id", "image_uri", "frame_index", "time_s",
+                                                              "width", "height", "score", "box")}
+                                    for f in item["duplicates"]]
 
     run_dir = ws.run_dir(f"mine-{report.report_id}")
     for rank_no, item in enumerate(kept, start=1):
@@ -807,6 +822,8 @@ def push_mined(ws: Workspace, report: FailureReport, outcome: MiningOutcome) -> 
                     for k in outcome.mined]
     registry = ws.dataset_registry
     with registry.lock():   # concurrent mining runs take turns: each push builds on the one before
+        rejected = rejected_frames(str(registry.dataset_dir), report.report_id)   # by a review: never again
+        mined_frames = [f for f in mined_frames if f.frame_id not in rejected]
         result = push(str(registry.dataset_dir), report, mined_frames, outcome.provenance,
                       copy_frames=bool(ws.params.section("dataset").get("copy_frames", True)),
                       endpoint_url=ws.s3_endpoint_url)
@@ -814,9 +831,48 @@ def push_mined(ws: Workspace, report: FailureReport, outcome: MiningOutcome) -> 
         # run did not record is recorded now).
         version = registry.commit({"report_id": report.report_id, "annotations_sha": result.version})
         if ws.dataset_root != str(registry.dataset_dir):
-            publish(str(registry.dataset_dir), ws.dataset_root, ws.s3_endpoint_url)
+            _publish(ws, version)
             result = replace(result, root=ws.dataset_root,
                              annotations_uri=storage.join(ws.dataset_root, ANNOTATIONS_FILE))
+    return replace(result, dvc_md5=version.md5, dvc_version=version.number, dvc_file=version.dvc_file,
+                   dvc_pushed=version.pushed, rejected=len(outcome.mined) - len(mined_frames))
+
+
+def _publish(ws: Workspace, version) -> None:
+    """The registry's dataset published to dataset.root (call with the registry's lock held). When the store
+    fails, the error says what is safe: the version is in the registry, readers of dataset.root still see the
+    previous one whole (annotations.json is written last), and the next push or review publishes it."""
+    registry = ws.dataset_registry
+    try:
+        publish(str(registry.dataset_dir), ws.dataset_root, ws.s3_endpoint_url)
+    except StoreError as exc:
+        raise StoreError(f"dataset version {version.number} ({version.md5}) is saved in {registry.root} but is not "
+                         f"published to {ws.dataset_root} yet (readers there see the previous version; the next "
+                         f"push publishes it): {exc}") from exc
+
+
+def review_page(ws: Workspace, outcome: MiningOutcome, run: dict | None = None) -> tuple[str, str]:
+    """The mining run's review page (objret.review) in its run folder and beside the dataset
+    (Workspace.reviews_root); returns both locations. ``run``: what else to show and export (MLflow run, dataset
+    version)."""
+    local = str(Path(outcome.run_dir) / "review.html")
+    beside = storage.join(ws.reviews_root, f"{outcome.report_id}.html")
+    write_review_page(outcome.mined_json, [local, beside], run, ws.s3_endpoint_url)
+    return local, beside
+
+
+def apply_review(ws: Workspace, decisions: Decisions) -> ApplyResult:
+    """A review's decisions applied to the retraining dataset as a new version: the rejected frames' annotations
+    removed, the rejections remembered (objret.decisions), then versioned and published as a push is."""
+    registry = ws.dataset_registry
+    with registry.lock():
+        result = apply_decisions(str(registry.dataset_dir), decisions)
+        version = registry.commit({"report_id": decisions.report_id, "annotations_sha": result.version,
+                                   "review": {"accepted": result.accepted, "rejected": result.rejected,
+                                              "removed": result.removed}})
+        if ws.dataset_root != str(registry.dataset_dir):
+            _publish(ws, version)
+            result = replace(result, root=ws.dataset_root)
     return replace(result, dvc_md5=version.md5, dvc_version=version.number, dvc_file=version.dvc_file,
                    dvc_pushed=version.pushed)
 
@@ -828,8 +884,9 @@ def _save_heatmap(heat: np.ndarray, item: dict, run_dir: Path) -> str:
     image = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize(
         (item["width"], item["height"]), Image.BILINEAR)
     path = run_dir / "heatmaps" / f"{item['frame_id']}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, compress_level=1)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    storage.write_bytes(str(path), buffer.getvalue())   # atomic: a killed run leaves no cut-off PNG
     return str(path)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -21,6 +23,16 @@ from objret.errors import ReportError
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "failure_report.schema.json"
 
 FAILURE_KINDS = ("false_negative", "false_positive", "misclassification")
+
+MAX_REPORT_BYTES = 1 << 20  # a valid report is a few kB (notes: 10,000 characters at most)
+MAX_DEPTH = 16  # a valid report nests 3 levels; deeper data is refused before it can exhaust the stack
+_MAX_INT_DIGITS = 400  # Python refuses to convert integers of over 4,300 digits; 400 is beyond any float already
+
+# The free-form text fields (the others have a pattern, enum or format), and whether each is one line (no control
+# characters) or free text (tab, newline and CR allowed).
+_TEXT_FIELDS = {("detector", "name"): True, ("detector", "version"): True, ("frame", "uri"): True,
+                ("class_name",): True, ("notes",): False}
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 # What a pattern means, for the fields that have one (a regex is no help to the user).
 _PATTERN_HINTS = {
@@ -119,8 +131,43 @@ class _JsonConstant(float):
 def _field_path(parts) -> str:
     out = ""
     for part in parts:
+        if isinstance(part, str) and not _is_plain_key(part):
+            part = repr(part)  # an unknown field named with control characters must not reach a terminal raw
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "report"
+
+
+def _is_plain_key(key: str) -> bool:
+    return bool(key) and _bad_char(key, one_line=True) is None
+
+
+# Control characters would reach logs and terminals raw; a lone surrogate cannot even be written out as UTF-8.
+_BAD_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_BAD_FREE_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # tab, newline, CR allowed
+
+
+def _bad_char(text: str, one_line: bool) -> str | None:
+    """Why ``text`` may not stand in a report, or None."""
+    found = (_BAD_ONE_LINE if one_line else _BAD_FREE_TEXT).search(text)
+    if found is None:
+        return None
+    return "invalid Unicode (a lone surrogate)" if 0xD800 <= ord(found.group()) <= 0xDFFF else "a control character"
+
+
+class _HugeNumber(float):
+    """A JSON integer of too many digits to convert (Python refuses over 4,300): kept as infinity, shown short."""
+
+    def __new__(cls, digits: str):
+        obj = super().__new__(cls, float("-inf" if digits.startswith("-") else "inf"))
+        obj.digits = len(digits.lstrip("-"))
+        return obj
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _parse_int(text: str) -> int | float:
+    return int(text) if len(text) <= _MAX_INT_DIGITS else _HugeNumber(text)
 
 
 def _show(value: Any) -> str:
@@ -128,15 +175,70 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _non_finite_numbers(value: Any, path: tuple = ()) -> list[tuple[tuple, float]]:
-    """Every NaN/Infinity anywhere in the data (JSON Schema cannot forbid them)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return [(path, value)]
-    if isinstance(value, dict):
-        return [hit for key, item in value.items() for hit in _non_finite_numbers(item, (*path, key))]
-    if isinstance(value, (list, tuple)):
-        return [hit for i, item in enumerate(value) for hit in _non_finite_numbers(item, (*path, i))]
-    return []
+def _walk(data: Any):
+    """(path, value) of every value in the data, depth first, without recursion; nothing below MAX_DEPTH."""
+    stack = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        yield path, value
+        if len(path) >= MAX_DEPTH:
+            continue
+        if isinstance(value, dict):
+            stack += [((*path, key), item) for key, item in reversed(value.items())]
+        elif isinstance(value, (list, tuple)):
+            stack += [((*path, i), item) for i, item in reversed(list(enumerate(value)))]
+
+
+def _too_deep(data: Any) -> list[tuple[list, str]]:
+    hits = {path[:1] for path, value in _walk(data) if len(path) >= MAX_DEPTH and isinstance(value, (dict, list))}
+    return [(list(field), f"nested more than {MAX_DEPTH} levels deep") for field in sorted(hits, key=str)]
+
+
+def _number_problems(data: Any) -> list[tuple[tuple, str]]:
+    """NaN/Infinity and numbers beyond a double anywhere in the data (JSON Schema cannot forbid them)."""
+    problems = []
+    for path, value in _walk(data):
+        if isinstance(value, _HugeNumber) or (isinstance(value, int) and not isinstance(value, bool)
+                                              and abs(value) > sys.float_info.max):
+            problems.append((path, f"{_show(value)} is too large"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append((path, f"{_show(value)} is not allowed (numbers must be finite)"))
+    return problems
+
+
+def _text_problems(data: Any) -> list[tuple[list, str]]:
+    """Control characters and lone surrogates in the report's text fields."""
+    problems = []
+    for path, one_line in _TEXT_FIELDS.items():
+        value = data
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        why = _bad_char(value, one_line) if isinstance(value, str) else None
+        if why:
+            problems.append((list(path), f"{_show(value)} holds {why}"))
+    return problems
+
+
+def _uri_problems(data: Any) -> list[tuple[list, str]]:
+    """frame.uri must be a local path or s3://bucket/key without '..' (objret.roots then keeps it in the lake)."""
+    frame = data.get("frame") if isinstance(data, dict) else None
+    uri = frame.get("uri") if isinstance(frame, dict) else None
+    if not isinstance(uri, str) or not uri:
+        return []
+    problem = None
+    if "\\" in uri:
+        problem = "holds a backslash (paths use '/')"
+    elif uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket or not key:
+            problem = "is not an S3 object URI (s3://bucket/key)"
+        elif {".", ".."} & set(key.split("/")):
+            problem = "holds a '.' or '..' segment"
+    elif _URI_SCHEME.match(uri):
+        problem = "is neither a local path nor an s3:// URI"
+    elif ".." in uri.split("/"):
+        problem = "holds a '..' segment"
+    return [(["frame", "uri"], f"{_show(uri)} {problem}")] if problem else []
 
 
 def _error_messages(error) -> list[tuple[list, str]]:
@@ -165,6 +267,8 @@ def _error_messages(error) -> list[tuple[list, str]]:
         message = f"{_show(value)} is not one of {', '.join(map(str, expected))}"
     elif kind == "minimum":
         message = f"{_show(value)} is not >= {expected}"
+    elif kind == "maximum":
+        message = f"{_show(value)} is not <= {expected}"
     elif kind == "exclusiveMinimum":
         message = f"{_show(value)} is not > {expected}"
     elif kind == "minLength":
@@ -207,13 +311,16 @@ def _trailing_newline_problems(data: Any) -> list[tuple[list, str]]:
 
 def validation_problems(data: Any) -> list[str]:
     """Every problem of a report as one line each, ordered by field; empty when the report is valid."""
-    non_finite = _non_finite_numbers(data)
-    problems = [(list(path), f"{_show(value)} is not allowed (numbers must be finite)") for path, value in non_finite]
-    skip = {path for path, _ in non_finite}  # the schema would only repeat these
+    problems = _too_deep(data)
+    if problems:  # the schema and the messages would recurse through it
+        return [f"{_field_path(path)}: {message}" for path, message in problems]
+    numbers = _number_problems(data)
+    problems = [(list(path), message) for path, message in numbers]
+    skip = {path for path, _ in numbers}  # the schema would only repeat these
     for error in _validator().iter_errors(data):
         if tuple(error.absolute_path) not in skip:
             problems += _error_messages(error)
-    problems += _trailing_newline_problems(data)
+    problems += _trailing_newline_problems(data) + _text_problems(data) + _uri_problems(data)
     problems.sort(key=lambda problem: _path_sort_key(problem[0]))  # stable: same field keeps schema order
     lines = [f"{_field_path(path)}: {message}" for path, message in problems]
     return list(dict.fromkeys(lines))  # one line per problem
@@ -249,18 +356,27 @@ def load_report(path_or_text: str | Path | bytes) -> FailureReport:
     if isinstance(path_or_text, (bytes, bytearray)):
         raw = bytes(path_or_text)
     elif isinstance(path_or_text, str) and (path_or_text.lstrip()[:1] in ("{", "[") or "\n" in path_or_text):
-        raw = path_or_text.encode()
+        raw = path_or_text.encode("utf-8", "surrogatepass")  # a lone surrogate is then reported, not raised
     else:
-        raw = storage.read_bytes(str(path_or_text))
+        location = str(path_or_text)
+        local = not storage.is_s3(location) and Path(location).is_file()
+        if local and Path(location).stat().st_size > MAX_REPORT_BYTES:  # not even read
+            raise ReportError([f"report: {location} is larger than {MAX_REPORT_BYTES} bytes"])
+        raw = storage.read_bytes(location)
+    if len(raw) > MAX_REPORT_BYTES:
+        raise ReportError([f"report: {len(raw)} bytes, at most {MAX_REPORT_BYTES} allowed"])
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ReportError([f"report: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from exc
     try:
-        # json accepts NaN and Infinity; keep them as marked numbers so validation rejects them by field.
-        data = json.loads(text, parse_constant=_JsonConstant)
+        # json accepts NaN and Infinity; keep them as marked numbers so validation rejects them by field (and
+        # integers too long to convert likewise).
+        data = json.loads(text, parse_constant=_JsonConstant, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise ReportError([f"report: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]) from exc
+    except RecursionError as exc:
+        raise ReportError([f"report: not valid JSON: nested too deeply (at most {MAX_DEPTH} levels)"]) from exc
     return parse_report(data)
 
 

@@ -46,7 +46,7 @@ class ReportLedger:
 
     def _dir(self, report_id: str) -> Path:
         # Report ids are schema-checked file names; refuse anything else rather than build a path from it.
-        if not report_id or report_id.startswith(".") or "/" in report_id or "\\" in report_id:
+        if not report_id or report_id.startswith(".") or "/" in report_id or "\\" in report_id or "\0" in report_id:
             raise ObjretError(f"report id {report_id!r} cannot name a ledger entry")
         return self.root / report_id
 

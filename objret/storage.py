@@ -3,12 +3,25 @@
 S3 goes through boto3 with the standard AWS credential chain; the endpoint comes from
 ``AWS_ENDPOINT_URL`` (boto3 reads it itself) or an explicit ``endpoint_url``. Local writes are atomic
 (temp file + rename); S3 PUTs are atomic per object by the store's guarantee.
+
+S3 calls are retried here, not inside botocore, so that one bounded policy covers a whole operation (a GET's
+body, a listing's pages) and the error says what was tried: transient failures only (connection refused or
+reset, timeouts, 5xx, throttling), RETRY_ATTEMPTS attempts with exponential backoff and jitter between them
+(0.5, 1, 2, 4 s, each scaled by 0.5-1: 3.75-7.5 s of waiting in all). A stopped store (connection refused)
+fails in about that time (5 s measured); a hung one (accepts connections, never answers) after
+RETRY_ATTEMPTS * READ_TIMEOUT_S more (plus 1 s an attempt for a PUT: botocore waits that long for a
+"100 Continue"): at most 5 * 31 + 7.5 = 162.5 s. Credentials or missing keys fail at once.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import re
+import shutil
+import socket
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,6 +31,54 @@ from objret.errors import StoreError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+RETRY_ATTEMPTS = 5       # attempts per S3 operation
+RETRY_BASE_S = 0.5       # backoff before the 2nd attempt; doubled before each next one
+CONNECT_TIMEOUT_S = 5    # per attempt
+READ_TIMEOUT_S = 30      # per attempt: the longest wait for the store's next bytes
+_TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "InternalError",
+                    "ServiceUnavailable"}
+
+# Temporary files are named <.final name>.tmp-<host>-<pid>-<random>.tmp: hidden from listings, and a later run
+# on this host can tell a dead writer's leftovers from a live writer's (remove_stale_temps).
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+_TEMP = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+
+
+def temp_prefix(name: str) -> str:
+    """The start of a temporary sibling's name for ``name`` (end it with a unique part and ".tmp")."""
+    return f".{name}.tmp-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete the temporary files and folders that writers killed on this host left in ``folder`` (a kill -9
+    between a temp write and its rename); a live writer's, or another host's, are left alone. Returns how many
+    were removed. They are never read in any case: every reader skips dot-files."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        match = _TEMP.search(entry.name) if entry.name.startswith(".") else None
+        if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def is_s3(uri: str) -> bool:
@@ -42,7 +103,10 @@ def s3_client(endpoint_url: str | None = None):
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+    # One attempt per call (total_max_attempts; botocore's max_attempts counts retries): _retrying() retries
+    # whole operations.
+    config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=CONNECT_TIMEOUT_S,
+                    read_timeout=READ_TIMEOUT_S)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     # A fresh session: boto3's default one caches the credentials it first resolved, so cache_clear()
     # would not pick up changed keys.
@@ -50,18 +114,43 @@ def s3_client(endpoint_url: str | None = None):
     return session.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
 
 
-def _s3_error(action: str, uri: str, exc: Exception) -> StoreError:
+def _s3_error(action: str, uri: str, exc: Exception, tried: str = "") -> StoreError:
     # Name the location and the store's reason; never the credentials.
-    return StoreError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
+    return StoreError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}{tried}")
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether trying again may succeed: the store unreachable, slow or overloaded (not refused access)."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    if isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError)):   # refused, reset, timed out
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES
+    return False
+
+
+def _retrying(action: str, uri: str, call):
+    """``call()``, tried again after transient failures with exponential backoff (jittered, so that many
+    clients do not retry in step); StoreError naming ``uri``, the attempts and the time spent when it gives up."""
+    start = time.monotonic()
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as exc:  # botocore raises many unrelated types
+            if attempt == RETRY_ATTEMPTS or not _transient(exc):
+                tried = (f" (gave up after {attempt} attempts in {time.monotonic() - start:.1f} s)"
+                         if attempt > 1 else "")
+                raise _s3_error(action, uri, exc, tried) from exc
+            time.sleep(RETRY_BASE_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
 
 
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        try:
-            return s3_client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:  # botocore raises many unrelated types
-            raise _s3_error("read", uri, exc) from exc
+        client = s3_client(endpoint_url)
+        return _retrying("read", uri, lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read())
     try:
         return Path(uri).read_bytes()
     except OSError as exc:
@@ -72,14 +161,11 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
     """Write all of ``data`` or nothing: readers never see a half-written file."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        try:
-            s3_client(endpoint_url).put_object(Bucket=bucket, Key=key, Body=data)
-        except Exception as exc:
-            raise _s3_error("write", uri, exc) from exc
+        _retrying("write", uri, lambda: s3_client(endpoint_url).put_object(Bucket=bucket, Key=key, Body=data))
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file should get the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -95,13 +181,17 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
 def exists(uri: str, endpoint_url: str | None = None) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        try:
-            s3_client(endpoint_url).head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception as exc:
-            if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _s3_error("check", uri, exc) from exc
+
+        def head() -> bool:
+            try:
+                s3_client(endpoint_url).head_object(Bucket=bucket, Key=key)
+                return True
+            except Exception as exc:
+                if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return _retrying("check", uri, head)
     return Path(uri).exists()
 
 
@@ -111,15 +201,25 @@ def list_uris(prefix: str, endpoint_url: str | None = None) -> list[str]:
         bucket, key = split_s3(prefix)
         if key and not key.endswith("/"):
             key += "/"
-        out = []
-        try:
+
+        def listing() -> list[str]:   # from the first page again after a failure
             pages = s3_client(endpoint_url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-            for page in pages:
-                out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
-        except Exception as exc:
-            raise _s3_error("list", prefix, exc) from exc
-        return sorted(out)
+            return [f"s3://{bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", [])]
+
+        return sorted(_retrying("list", prefix, listing))
     root = Path(prefix)
     if not root.is_dir():
         raise StoreError(f"not a folder: {prefix}")
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def delete(uri: str, endpoint_url: str | None = None) -> None:
+    """Remove the file or object at ``uri``; nothing to do when it is not there."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _retrying("delete", uri, lambda: s3_client(endpoint_url).delete_object(Bucket=bucket, Key=key))
+        return
+    try:
+        Path(uri).unlink(missing_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot delete {uri}: {exc.strerror or exc}") from exc

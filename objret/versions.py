@@ -2,7 +2,9 @@
 
 A version is written into a temporary folder with a manifest (written last, with every file's size), renamed
 whole, and only then named by CURRENT (one os.replace): a reader, or a crash, sees the previous version or the
-new one, never a half-written one. Older versions are removed after the switch.
+new one, never a half-written one. Older versions are removed after the switch. The files are fsynced before
+the rename, so that a power cut cannot leave a named version with empty files; the temporary folders of
+writers killed on this host are removed by the next save.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from objret import storage
 from objret.errors import ObjretError
 
 
@@ -29,25 +32,34 @@ def save_version(directory: str | Path, prefix: str, write: Callable[[Path], Non
     """``write(folder)`` fills a new version, the manifest goes in last with the files' sizes; returns it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".tmp-{os.getpid()}-{time.time_ns()}"
+    storage.remove_stale_temps(directory)   # versions that killed saves left half-written
+    tmp = directory / f"{storage.temp_prefix(prefix)}{time.time_ns()}.tmp"
     tmp.mkdir()
     try:
         write(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps({**manifest, "files": files}, indent=1))
+        _fsync_folder(tmp)
         version = directory / f"{prefix}-{time.time_ns():020d}-{os.getpid()}"
         os.rename(tmp, version)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = directory / f".CURRENT.{os.getpid()}.tmp"
-    pointer.write_text(version.name)
-    os.replace(pointer, directory / "CURRENT")
+    storage.write_bytes(str(directory / "CURRENT"), version.name.encode())   # the switch: temp + rename
     current = current_version(directory)
     for old in directory.glob(f"{prefix}-*"):   # never the one CURRENT names, should another writer have won
         if old.name < version.name and old.name != current:
             shutil.rmtree(old, ignore_errors=True)
     return version
+
+
+def _fsync_folder(folder: Path) -> None:
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_manifest(directory: str | Path, what: str, fmt: int) -> tuple[Path, dict] | None:

@@ -70,6 +70,11 @@ class Workspace:
         return self.root / "graph" / self.current_index_dir().relative_to(self.root / "index")
 
     def run_dir(self, name: str) -> Path:
+        from objret.errors import ObjretError
+
+        # Names come from report ids (schema-checked file names): anything that could climb out is refused.
+        if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
+            raise ObjretError(f"{name!r} cannot name a run folder")
         path = self.root / "runs" / name
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -88,6 +93,15 @@ class Workspace:
         """Where the dataset's users read it: dataset.root (each version published there), else the registry's
         working copy."""
         return self.params.section("dataset").get("root") or str(self.dataset_registry.dataset_dir)
+
+    @property
+    def reviews_root(self) -> str:
+        """Where mining runs' review pages go, beside the dataset: <dataset.root>/reviews, else <registry>/reviews
+        (beside the registry's working copy, not in it: a page is no part of the versioned dataset)."""
+        from objret import storage
+
+        root = self.params.section("dataset").get("root")
+        return storage.join(root, "reviews") if root else str(self.dataset_registry.root / "reviews")
 
     @property
     def s3_endpoint_url(self) -> str | None:

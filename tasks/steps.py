@@ -125,10 +125,19 @@ def mine(ws: Workspace, report: FailureReport) -> pipeline.MiningOutcome:
 @task(name="push", **IO_TASK)
 def push(ws: Workspace, report: FailureReport, outcome: pipeline.MiningOutcome) -> dict:
     result = pipeline.push_mined(ws, report, outcome)
-    log_metrics({"dataset_added": result.added, "dataset_unchanged": result.unchanged})
-    get_run_logger().info("retraining dataset %s: version %s, %d added, %d unchanged",
-                          result.root, result.version, result.added, result.unchanged)
+    log_metrics({"dataset_added": result.added, "dataset_unchanged": result.unchanged,
+                 "dataset_skipped_rejected": result.rejected})
+    get_run_logger().info("retraining dataset %s: version %s, %d added, %d unchanged, %d skipped (rejected in a "
+                          "review)", result.root, result.version, result.added, result.unchanged, result.rejected)
     return asdict(result)
+
+
+@task(name="review-page", **IO_TASK)
+def review_page(ws: Workspace, outcome: pipeline.MiningOutcome, run: dict) -> dict:
+    """The run's review page: in the run folder (logged to MLflow by the flow) and beside the dataset."""
+    local, beside = pipeline.review_page(ws, outcome, run)
+    get_run_logger().info("review page: %s", beside)
+    return {"path": local, "uri": beside}
 
 
 def mined_table(report: FailureReport, outcome: pipeline.MiningOutcome, rows: int = 50) -> str:

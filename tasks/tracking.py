@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from objret.config import redact_credentials
 from objret.workspace import Workspace
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,8 @@ def mlflow_run(ws: Workspace, run_name: str, tags: dict | None = None):
         mlflow.set_experiment(name)
         with mlflow.start_run(run_name=run_name, tags={**run_tags(ws), **(tags or {})}) as run:
             params = _flatten("", dict(ws.params), {})
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            # A URL parameter may carry user:password (an S3 endpoint, a DVC remote): never log that part.
+            mlflow.log_params({k: redact_credentials(str(v))[:500] for k, v in params.items()})
             yield run
 
 

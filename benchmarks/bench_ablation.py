@@ -15,12 +15,12 @@ import json
 import time
 from pathlib import Path
 
-from objret import pipeline
-from objret.bench import load_bench
+from objret.steps import features as features_step, ingest as ingest_step, regions as regions_step, whitening as whitening_step
+from objret.eval.bench import load_bench
 from objret.config import load_params
-from objret.evaluate import evaluate_methods
-from objret.metrics import flat_metrics
-from objret.workspace import Workspace
+from objret.eval.run import evaluate_methods
+from objret.eval.metrics import flat_metrics
+from objret.steps.workspace import Workspace
 
 COLUMNS = [("class_mAP", "class mAP"), ("class_area_lt1_mAP", "class <1%"), ("paste_visible_mAP", "paste mAP"),
            ("paste_visible_Loc10", "paste Loc@10"), ("video_instance_mAP", "video inst mAP"),
@@ -63,10 +63,10 @@ def main() -> None:
     rows = []
     for label, method, overrides, queries in chosen:
         ws = Workspace(load_params(None, args.overrides + overrides), args.workdir)
-        pipeline.ingest(ws, [str(Path(args.bench, s).resolve()) for s in bench.sets], progress=False)
-        pipeline.features(ws, progress=False)
-        pipeline.regions(ws, progress=False)
-        pipeline.whitening(ws)
+        ingest_step.ingest(ws, [str(Path(args.bench, s).resolve()) for s in bench.sets], progress=False)
+        features_step.features(ws, progress=False)
+        regions_step.regions(ws, progress=False)
+        whitening_step.whitening(ws)
         mining = {**ws.params.section("mining"), "gem_p": ws.params.section("index").get("gem_p", 3.0)}
         start = time.perf_counter()
         subset = dataclasses.replace(bench, queries=[q for q in bench.queries if QUERY_SETS[queries](q)])

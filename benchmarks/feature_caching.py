@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from objret.backbone import build_backbone, pick_device, preprocess
+from objret.features.backbone import build_backbone, pick_device, preprocess
 from objret.config import load_params
-from objret.features import FeatureCache, cache_features, forward
-from objret.lake import Lake, load_image
+from objret.features.cache import FeatureCache, cache_features, forward
+from objret.ingest.lake import Lake, load_image
 
 
 def main() -> None:

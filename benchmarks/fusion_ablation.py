@@ -6,7 +6,7 @@ For every query (and every frame of the bench lake) it computes the three kinds 
 method combines (best region similarity + box, whole-frame GeM, template-matching peak + box with the mirror
 view, on every frame) with the library's own functions, stores them in <workdir>/fusion_evidence.npz (reused
 by the next run while the parameters are the same; ~1 s a query to compute on a 2-core CPU), then ranks the
-bench with objret.mining.fuse_evidence under each configuration: template or region evidence alone, sum, max,
+bench with objret.mining.fusion.fuse_evidence under each configuration: template or region evidence alone, sum, max,
 the adaptive fusion and its gate parameters, the region shortlist of `mining.rerank` frames (as rank_fused
 applies it) on/off, and with --diffusion the diffusion evidence over the region graph (003 / Iscen et al.; the
 index and the graph are built first if missing) at a few weights. Writes benchmarks/results/fusion_ablation.md
@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from objret import pipeline
-from objret.bench import load_bench
+from objret.steps import features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, regions as regions_step
+from objret.eval.bench import load_bench
 from objret.config import load_params
-from objret.evaluate import bench_lake_maps, bench_query, gallery_entries
-from objret.matching import match_template
-from objret.metrics import evaluate, flat_metrics
-from objret.mining import best_region_per_frame, fuse_evidence, query_templates
-from objret.pooling import gem
-from objret.workspace import Workspace
+from objret.eval.run import bench_lake_maps, bench_query, gallery_entries
+from objret.mining.template_matching import match_template
+from objret.eval.metrics import evaluate, flat_metrics
+from objret.mining.evidence import best_region_per_frame, query_templates
+from objret.mining.fusion import fuse_evidence
+from objret.regions.pooling import gem
+from objret.steps.workspace import Workspace
 
 COLUMNS = [("class_mAP", "class mAP"), ("class_area_lt1_mAP", "class <1%"), ("paste_visible_mAP", "paste mAP"),
            ("paste_visible_Loc10", "paste Loc@10"), ("video_instance_mAP", "video inst mAP"),
@@ -73,9 +74,9 @@ def main() -> None:
 
     ws = Workspace(load_params(None, args.overrides), args.workdir)
     bench = load_bench(args.bench)
-    pipeline.ingest(ws, [str(Path(args.bench, s).resolve()) for s in bench.sets], progress=False)
-    pipeline.features(ws)
-    pipeline.regions(ws)
+    ingest_step.ingest(ws, [str(Path(args.bench, s).resolve()) for s in bench.sets], progress=False)
+    features_step.features(ws)
+    regions_step.regions(ws)
     mining = {**ws.params.section("mining"), "gem_p": ws.params.section("index").get("gem_p", 3.0)}
     frame_of, lake = bench_lake_maps(bench, ws.lake, ws.cache, mining, ws.region_store.load(),
                                      dict(ws.params.section("regions")))
@@ -154,12 +155,12 @@ def load_or_compute_evidence(ws: Workspace, bench, frame_of: dict, lake, mining:
 
 def diffusion_evidence(ws: Workspace, bench, frame_of: dict, lake, mining: dict) -> np.ndarray:
     """Every query's diffusion score of every frame (queries x frames), over the bench lake's region graph."""
-    from objret.graph_store import open_diffusion
-    from objret.mining import query_region_vector
-    from objret.region_index import RegionIndex
+    from objret.graph.store import open_diffusion
+    from objret.mining.evidence import query_region_vector
+    from objret.index.region_index import RegionIndex
 
-    pipeline.build_index(ws)
-    pipeline.graph(ws)
+    index_step.build_index(ws)
+    graph_step.graph(ws)
     diffusion = open_diffusion(ws.graph_dir(), ws.current_index_dir(), RegionIndex.load(ws.current_index_dir()),
                                mining["diffusion"])
     key = hashlib.sha256(json.dumps([diffusion.version, mining["diffusion"], len(bench.queries)],

@@ -7,10 +7,10 @@ Synthetic regions: --clusters (2000) Gaussian clusters on the unit sphere (noise
 cluster), L2-normalised float32, seeded. Each size runs in its own process so that its peak RSS
 (ru_maxrss: the vectors themselves included, and reported apart) is its own. Per size:
 
-  graph_s      objret.region_graph.build_region_graph with the library defaults (exact k-NN up to
+  graph_s      objret.graph.knn.build_region_graph with the library defaults (exact k-NN up to
                EXACT_MAX rows, IVF-Flat above), split into its steps (k-means, assignment, search, sparse
                assembly, connected components)
-  katz_s       objret.centrality.katz_centrality (CG to relative residual 1e-6), with its iterations
+  katz_s       objret.graph.centrality.katz_centrality (CG to relative residual 1e-6), with its iterations
   total_s      graph_s + katz_s: the goal is 1M regions in under 10 minutes and 8 GB on a 2-core CPU
   recall       k-NN recall vs exact on 1000 seeded rows (1.0 for exact lists; timed apart)
   refresh_s    refresh_region_graph after appending --new-fraction (1%) new regions, vs graph_s (the full
@@ -56,8 +56,8 @@ def run_one(n: int, dim: int, k: int, n_clusters: int, new_fraction: float) -> d
     """One size, in this process."""
     import faiss
 
-    from objret.centrality import katz_centrality
-    from objret.region_graph import build_region_graph, refresh_region_graph
+    from objret.graph.centrality import katz_centrality
+    from objret.graph.knn import build_region_graph, refresh_region_graph
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from objret import pipeline
-from objret.bench import load_bench
+from objret.steps import features as features_step, index as index_step, ingest as ingest_step, mine as mine_step
+from objret.eval.bench import load_bench
 from objret.config import load_params
-from objret.report import parse_report
-from objret.search import LakeSearch
-from objret.workspace import Workspace
+from objret.mining.report import parse_report
+from objret.mining.search import LakeSearch
+from objret.steps.workspace import Workspace
 
 
 def main() -> None:
@@ -38,9 +38,9 @@ def main() -> None:
 
     ws = Workspace(load_params(), args.workdir)
     bench = load_bench(args.bench)
-    pipeline.ingest(ws, [str(Path(args.bench, s).resolve()) for s in bench.sets])
-    pipeline.features(ws)
-    index = pipeline.build_index(ws)
+    ingest_step.ingest(ws, [str(Path(args.bench, s).resolve()) for s in bench.sets])
+    features_step.features(ws)
+    index = index_step.build_index(ws)
     start = time.perf_counter()
     LakeSearch.open(ws)
     open_s = time.perf_counter() - start
@@ -55,7 +55,7 @@ def main() -> None:
         report = parse_report({"report_id": f"bench-{q.id}", "detector": {"name": "bench", "version": "1"},
                                "frame": {"uri": str(Path(bench.images[q.key].path).resolve())},
                                "box": list(q.bbox), "class_name": q.category, "failure_kind": "false_negative"})
-        t = pipeline.mine(ws, report, progress=False).timings
+        t = mine_step.mine(ws, report, progress=False).timings
         timings.append({**t, "search_s": t["query_s"] + t["rank_s"], "small_box": q.area_frac < small})
     keys = [k for k in timings[0] if k not in ("small_box", "open_s")]
     summary = {}

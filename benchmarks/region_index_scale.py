@@ -72,7 +72,7 @@ def peak_rss_mb() -> float:
 
 def run_one(n: int, kind: str, dim: int, n_queries: int) -> dict:
     """One (size, kind) measurement, in this process."""
-    from objret.region_index import RegionIndex
+    from objret.index.region_index import RegionIndex
 
     frame_ids, x, queries = lake(n, dim, n_queries)
     rss_data = peak_rss_mb()

@@ -3,7 +3,7 @@
     python benchmarks/scale_out.py --bench ../shared/bench --frames 96 --workers 2
 
 Three runs, each into a work folder of its own holding the same lake: (1) the single-process steps
-(objret.pipeline.features, .regions); (2) the scale-out flow on a cluster already running with its workers
+(objret.features_step.features, .regions); (2) the scale-out flow on a cluster already running with its workers
 warmed up (torch imported, backbone built), reached at its address; (3) the scale-out flow as build-index runs
 it, starting its local cluster (worker start-up included). Prints wall times and writes
 benchmarks/results/scale_out.json, with whether the Dask runs' maps and regions equal the single run's bit for bit.
@@ -30,8 +30,7 @@ for _key, _value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
 
 def _warm(params: dict, workdir: str) -> int:
     """On a worker: build its Workspace and backbone as a chunk would (kept for the chunks that follow)."""
-    from objret import chunks
-
+    from objret.steps import chunks
     chunks.workspace(params, workdir).backbone
     return os.getpid()
 
@@ -70,9 +69,9 @@ def main() -> None:
     from distributed import Client, LocalCluster
     from prefect import flow
 
-    from objret import pipeline
+    from objret.steps import features as features_step, ingest as ingest_step, regions as regions_step
     from objret.config import load_params
-    from objret.workspace import Workspace
+    from objret.steps.workspace import Workspace
     from tasks import scale_out
     overrides = [f"features.backbone={args.backbone}", f"features.max_side={args.max_side}",
                  f"features.shard_size={args.shard_frames}", f"regions.batch={args.shard_frames}",
@@ -86,7 +85,7 @@ def main() -> None:
 
     def workspace(name: str, extra: list[str] = []) -> Workspace:
         ws = Workspace(load_params(None, overrides + extra), tmp / name)
-        pipeline.ingest(ws, [str(lake_dir)], progress=False)
+        ingest_step.ingest(ws, [str(lake_dir)], progress=False)
         return ws
 
     @flow(name="start-prefect")
@@ -98,10 +97,10 @@ def main() -> None:
     single = workspace("single")
     load_before = os.getloadavg()[0]   # other people's work on the machine skews every figure
     t = time.perf_counter()
-    feats = pipeline.features(single, progress=False)
+    feats = features_step.features(single, progress=False)
     single_features = time.perf_counter() - t
     t = time.perf_counter()
-    pipeline.regions(single, progress=False)
+    regions_step.regions(single, progress=False)
     single_regions = time.perf_counter() - t
 
     local = dict(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0")

@@ -9,10 +9,9 @@ from prefect import flow
 
 from objret.config import load_params
 from objret.errors import ObjretError
-from objret.workspace import Workspace
+from objret.steps.workspace import Workspace
 from tasks import scale_out, steps
 from tasks.tracking import mlflow_run
-
 
 STEPS = ("ingest", "features", "regions", "whitening", "index", "graph")   # in the order they run
 

@@ -9,16 +9,16 @@ import mlflow
 from prefect import flow, get_run_logger
 
 from objret import storage
-from objret.bench import load_bench
 from objret.config import load_params
-from objret.discovery import load_discovery
-from objret.eval_plots import draw, plot_data
-from objret.evaluate import evaluate_methods
-from objret.graph_store import open_diffusion
-from objret.metrics import compare_table, flat_metrics, format_table, recall_curve, summary_metrics
-from objret.pipeline import discovery_dir
-from objret.region_index import RegionIndex
-from objret.workspace import Workspace
+from objret.eval.bench import load_bench
+from objret.eval.metrics import compare_table, flat_metrics, format_table, recall_curve, summary_metrics
+from objret.eval.plots import draw, plot_data
+from objret.eval.run import evaluate_methods
+from objret.graph.discovery import load_discovery
+from objret.graph.store import open_diffusion
+from objret.index.region_index import RegionIndex
+from objret.steps.discovery import discovery_dir
+from objret.steps.workspace import Workspace
 from tasks import steps
 from tasks.tracking import log_metrics, mlflow_run
 

@@ -6,8 +6,8 @@ import mlflow
 from prefect import flow
 
 from objret.config import load_params
-from objret.report import load_report
-from objret.workspace import Workspace
+from objret.mining.report import load_report
+from objret.steps.workspace import Workspace
 from tasks import steps
 from tasks.tracking import mlflow_run
 

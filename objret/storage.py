@@ -28,7 +28,6 @@ from urllib.parse import urlparse
 
 from objret.errors import StoreError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -121,7 +120,12 @@ def _s3_error(action: str, uri: str, exc: Exception, tried: str = "") -> StoreEr
 
 def _transient(exc: Exception) -> bool:
     """Whether trying again may succeed: the store unreachable, slow or overloaded (not refused access)."""
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+    )
 
     if isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError)):   # refused, reset, timed out
         return True

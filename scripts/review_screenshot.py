@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # the tests' Chromium launcher
-from headless_chromium import headless_chromium  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' Chromium launcher (tests.helpers)
+from tests.helpers.headless_chromium import headless_chromium  # noqa: E402
 
 MID_REVIEW = """
 const cards = document.querySelectorAll('article.card');

@@ -2,7 +2,7 @@
 
 ``scale_out`` in params.yaml: a running scheduler (``address``) or a local cluster started for the run, one
 worker process per GPU where there are GPUs. The lake's frames are cut into chunks of whole feature shards /
-region batches (objret.chunks); a task per chunk, features first, then regions. Workers read and write the work
+region batches (objret.steps.chunks); a task per chunk, features first, then regions. Workers read and write the work
 folder themselves, so on a real cluster it must be on a filesystem every worker sees at the same path.
 """
 
@@ -19,11 +19,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-from objret import chunks
 from objret.errors import ObjretError
-from objret.workspace import Workspace
+from objret.steps import chunks
+from objret.steps.workspace import Workspace
 from tasks.tracking import log_metrics
-
 
 STEPS = ("features", "regions")
 
@@ -176,7 +175,7 @@ def where_it_ran() -> dict:
     """The Dask worker, process, host and device a chunk ran on."""
     from distributed import get_worker
 
-    from objret.backbone import pick_device
+    from objret.features.backbone import pick_device
 
     try:
         worker = str(get_worker().name)

@@ -8,9 +8,17 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from objret import pipeline
-from objret.report import FailureReport
-from objret.workspace import Workspace
+from objret.mining.report import FailureReport
+from objret.steps import dataset as dataset_step
+from objret.steps import discovery as discovery_step
+from objret.steps import features as features_step
+from objret.steps import graph as graph_step
+from objret.steps import index as index_step
+from objret.steps import ingest as ingest_step
+from objret.steps import mine as mine_step
+from objret.steps import regions as regions_step
+from objret.steps import whitening as whitening_step
+from objret.steps.workspace import Workspace
 from tasks.tracking import log_artifacts, log_metrics, set_tags
 
 # Inputs hold models and open stores, so Prefect's input-hash caching is off; objret caches by content itself.
@@ -20,7 +28,7 @@ IO_TASK = dict(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 @task(name="ingest", **IO_TASK)
 def ingest(ws: Workspace, sources: list[str]) -> list[dict]:
     logger = get_run_logger()
-    results = pipeline.ingest(ws, sources)
+    results = ingest_step.ingest(ws, sources)
     for r in results:
         logger.info("%s: %d new frames, %d already in the lake", r.source, r.added, r.skipped)
         for uri, message in r.errors:
@@ -32,7 +40,7 @@ def ingest(ws: Workspace, sources: list[str]) -> list[dict]:
 
 @task(name="features", cache_policy=NO_CACHE)
 def features(ws: Workspace) -> dict:
-    result = pipeline.features(ws)
+    result = features_step.features(ws)
     get_run_logger().info("features: %d computed (%.2f frames/s), %d cached before, %d failed",
                           result.computed, result.frames_per_second, result.already_cached, len(result.failed))
     log_metrics({"features_computed": result.computed, "features_cached_before": result.already_cached,
@@ -43,7 +51,7 @@ def features(ws: Workspace) -> dict:
 
 @task(name="regions", cache_policy=NO_CACHE)
 def regions(ws: Workspace) -> dict:
-    result = pipeline.regions(ws)
+    result = regions_step.regions(ws)
     log_metrics({"regions_frames_extracted": result.extracted, "regions_extracted": result.regions})
     get_run_logger().info("regions: %d frames extracted (%d regions), %d stored before",
                           result.extracted, result.regions, result.already_stored)
@@ -52,14 +60,14 @@ def regions(ws: Workspace) -> dict:
 
 @task(name="whitening", cache_policy=NO_CACHE)
 def whitening(ws: Workspace) -> str | None:
-    version = pipeline.whitening(ws)
+    version = whitening_step.whitening(ws)
     get_run_logger().info("whitening: %s", version or "disabled")
     return version
 
 
 @task(name="index", cache_policy=NO_CACHE)
 def index(ws: Workspace) -> dict:
-    result = pipeline.build_index(ws)
+    result = index_step.build_index(ws)
     log_metrics({"index_frames": result.frames, "index_regions": result.regions,
                  "index_bytes_per_region": result.bytes_per_region})
     get_run_logger().info("index %s: %d frames, %d regions in %s", result.version, result.frames, result.regions,
@@ -72,7 +80,7 @@ def graph(ws: Workspace, samples: bool = True) -> dict:
     """Region graph + Katz centrality of the current index (built, refreshed or unchanged); with ``samples``,
     the saliency PNGs of graph.sample_frames frames logged as MLflow artifacts under ``graph/`` (drawn when the
     graph changed: an unchanged graph's were logged by the run that built it)."""
-    result = pipeline.graph(ws)
+    result = graph_step.graph(ws)
     log_metrics({"graph_nodes": result.nodes, "graph_edges": result.edges, "graph_mean_degree": result.mean_degree,
                  "graph_components": result.components, "graph_isolated": result.isolated,
                  "graph_knn_recall": result.recall, "graph_cg_iterations": result.cg_iterations,
@@ -86,7 +94,7 @@ def graph(ws: Workspace, samples: bool = True) -> dict:
                           result.cg_iterations, result.cg_residual, result.seconds)
     out = asdict(result)
     if samples and result.mode != "unchanged":
-        pngs = pipeline.graph_samples(ws, ws.run_dir(f"graph-{result.version}"))
+        pngs = graph_step.graph_samples(ws, ws.run_dir(f"graph-{result.version}"))
         log_artifacts(pngs, "graph")
         out["samples"] = pngs
     return out
@@ -96,7 +104,7 @@ def graph(ws: Workspace, samples: bool = True) -> dict:
 def discovery(ws: Workspace) -> dict:
     """OS.EGM regions and the 003 sec. 3.9 descriptor of every indexed frame over the current region graph
     (computed when the graph or the parameters changed, else left as they are)."""
-    result = pipeline.discovery(ws)
+    result = discovery_step.discovery(ws)
     log_metrics({"discovery_frames": result.frames, "discovery_computed": result.computed,
                  "discovery_mean_regions": result.mean_regions,
                  "discovery_frames_without_regions": result.frames_without_regions,
@@ -110,8 +118,8 @@ def discovery(ws: Workspace) -> dict:
 
 
 @task(name="mine", cache_policy=NO_CACHE)
-def mine(ws: Workspace, report: FailureReport) -> pipeline.MiningOutcome:
-    outcome = pipeline.mine(ws, report)
+def mine(ws: Workspace, report: FailureReport) -> mine_step.MiningOutcome:
+    outcome = mine_step.mine(ws, report)
     diffusion = outcome.provenance.get("diffusion") or {}
     log_metrics({"candidates": outcome.candidates, "mined": len(outcome.mined),
                  "near_duplicates_collapsed": sum(len(m["duplicates"]) for m in outcome.mined),
@@ -123,8 +131,8 @@ def mine(ws: Workspace, report: FailureReport) -> pipeline.MiningOutcome:
 
 
 @task(name="push", **IO_TASK)
-def push(ws: Workspace, report: FailureReport, outcome: pipeline.MiningOutcome) -> dict:
-    result = pipeline.push_mined(ws, report, outcome)
+def push(ws: Workspace, report: FailureReport, outcome: mine_step.MiningOutcome) -> dict:
+    result = dataset_step.push_mined(ws, report, outcome)
     log_metrics({"dataset_added": result.added, "dataset_unchanged": result.unchanged,
                  "dataset_skipped_rejected": result.rejected})
     get_run_logger().info("retraining dataset %s: version %s, %d added, %d unchanged, %d skipped (rejected in a "
@@ -133,14 +141,14 @@ def push(ws: Workspace, report: FailureReport, outcome: pipeline.MiningOutcome) 
 
 
 @task(name="review-page", **IO_TASK)
-def review_page(ws: Workspace, outcome: pipeline.MiningOutcome, run: dict) -> dict:
+def review_page(ws: Workspace, outcome: mine_step.MiningOutcome, run: dict) -> dict:
     """The run's review page: in the run folder (logged to MLflow by the flow) and beside the dataset."""
-    local, beside = pipeline.review_page(ws, outcome, run)
+    local, beside = dataset_step.review_page(ws, outcome, run)
     get_run_logger().info("review page: %s", beside)
     return {"path": local, "uri": beside}
 
 
-def mined_table(report: FailureReport, outcome: pipeline.MiningOutcome, rows: int = 50) -> str:
+def mined_table(report: FailureReport, outcome: mine_step.MiningOutcome, rows: int = 50) -> str:
     lines = [f"### Report `{report.report_id}`: {report.class_name} ({report.failure_kind})", "",
              "| rank | score | frame | time (s) | box [x, y, w, h] | near-duplicates |", "|---:|---:|---|---:|---|---:|"]
     for m in outcome.mined[:rows]:

@@ -13,7 +13,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from objret.config import redact_credentials
-from objret.workspace import Workspace
+from objret.steps.workspace import Workspace
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Tracking URIs of a server: it picks (and proxies) the artifact store itself.

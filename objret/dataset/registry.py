@@ -1,0 +1,165 @@
+"""Versions of the retraining dataset, kept by DVC.
+
+The registry is a DVC repository (no git needed) whose working copy holds the dataset folder::
+
+    <registry>/.dvc/                 DVC's config and cache (every version's files, deduplicated)
+    <registry>/retraining/           the dataset: annotations.json + images/ (objret.dataset.coco writes it)
+    <registry>/retraining.dvc        the current version: its md5 is DVC's hash of the whole folder
+    <registry>/versions/NNNNNN-<md5>.dvc   every version's .dvc file, in order
+    <registry>/versions.jsonl        one line per version: number, md5, when, what push made it
+
+Each push that changed the dataset is ``dvc add``-ed: a new version. ``dvc push`` sends its files to the
+registry's remote (an S3 prefix, say) when one is set; ``checkout(md5)`` brings any version back (from the
+cache, or pulled from the remote). One lock serialises writers: pushes from concurrent mining runs take turns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from filelock import FileLock
+
+from objret import storage
+from objret.errors import ObjretError, StoreError
+
+DATASET_NAME = "retraining"
+REMOTE_NAME = "objret"
+
+
+@dataclass
+class DatasetVersion:
+    number: int       # 1, 2, ... in the order they were made
+    md5: str          # DVC's directory hash (without ".dir"): what `dvc` and the MLflow tag name
+    dvc_file: str     # this version's .dvc file (copy it to <registry>/retraining.dvc and `dvc checkout`)
+    pushed: bool      # sent to the DVC remote
+
+
+class DatasetRegistry:
+    def __init__(self, root: str | Path, remote: str | None = None, endpoint_url: str | None = None):
+        self.root = Path(root).resolve()
+        self.remote = remote
+        self.endpoint_url = endpoint_url
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / DATASET_NAME
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    def lock(self) -> FileLock:
+        """Held by whoever changes the dataset folder or its versions (a push, a checkout)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / ".registry.lock"), timeout=600)
+
+    @contextlib.contextmanager
+    def _repo(self):
+        from dvc.repo import Repo
+
+        if not (self.root / ".dvc").is_dir():
+            # The versions' .dvc files are records, not stages: DVC would see overlapping outputs. Written
+            # before the init (which keeps it), so that a run killed in between still gets it next time.
+            storage.write_bytes(str(self.root / ".dvcignore"), b"/versions/\n")
+            Repo.init(str(self.root), no_scm=True).close()
+        repo = Repo(str(self.root))
+        try:
+            if self.remote:
+                with repo.config.edit() as config:
+                    remote = {"url": self.remote}
+                    if self.endpoint_url:
+                        remote["endpointurl"] = self.endpoint_url
+                    config["remote"][REMOTE_NAME] = remote   # credentials: the AWS chain, never the config
+                    config["core"]["remote"] = REMOTE_NAME
+            yield repo
+        finally:
+            repo.close()
+
+    def versions(self) -> list[dict]:
+        path = self.root / "versions.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def current_md5(self) -> str | None:
+        dvc_file = self.root / f"{DATASET_NAME}.dvc"
+        if not dvc_file.exists():
+            return None
+        return _md5_of(dvc_file)
+
+    def commit(self, info: dict) -> DatasetVersion:
+        """Record the dataset folder as it is now (call with ``lock()`` held, after the push wrote it)."""
+        if not (self.dataset_dir / "annotations.json").is_file():
+            raise ObjretError(f"no dataset to version in {self.dataset_dir}")
+        for folder in (self.dataset_dir, self.dataset_dir / "images"):   # a killed push's temp files: not data
+            storage.remove_stale_temps(folder)
+        with self._repo() as repo:
+            repo.add(str(self.dataset_dir))
+            md5 = _md5_of(self.root / f"{DATASET_NAME}.dvc")
+            known = {v["md5"]: v for v in self.versions()}
+            if md5 in known:   # the same content as a version made before (e.g. a re-run): not a new one
+                entry = known[md5]
+            else:
+                number = len(known) + 1
+                self.versions_dir.mkdir(exist_ok=True)
+                dvc_file = self.versions_dir / f"{number:06d}-{md5}.dvc"
+                storage.write_bytes(str(dvc_file), (self.root / f"{DATASET_NAME}.dvc").read_bytes())
+                entry = {"number": number, "md5": md5, "dvc_file": str(dvc_file.relative_to(self.root)),
+                         "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
+                # After the .dvc file exists; the whole log rewritten atomically, never a cut-off last line.
+                log = self.root / "versions.jsonl"
+                before = log.read_bytes() if log.exists() else b""
+                storage.write_bytes(str(log), before + (json.dumps(entry, sort_keys=True) + "\n").encode())
+            pushed = self._push_pending(repo) if self.remote else False
+        return DatasetVersion(int(entry["number"]), md5, str(self.root / entry["dvc_file"]), pushed)
+
+    def _push_pending(self, repo) -> bool:
+        """Send every version the remote lacks (those made while it was unreachable too), oldest first."""
+        record = self.root / "pushed.json"
+        pushed = set(json.loads(record.read_text())) if record.exists() else set()
+        current = self.root / f"{DATASET_NAME}.dvc"
+        current_bytes = current.read_bytes()
+        try:
+            for version in self.versions():
+                if version["md5"] in pushed:
+                    continue
+                # A .dvc file names the objects to send; they come from the cache, whatever the folder holds.
+                storage.write_bytes(str(current), (self.root / version["dvc_file"]).read_bytes())   # atomic
+                try:
+                    repo.push(targets=[str(current)], remote=REMOTE_NAME)
+                except Exception as exc:   # dvc wraps the store's errors in its own types
+                    raise StoreError(f"dataset version {version['md5']} is saved locally in {self.root} but could "
+                                     f"not be sent to the DVC remote {self.remote} (the next push sends it): "
+                                     f"{type(exc).__name__}: {exc}") from exc
+                pushed.add(version["md5"])
+                storage.write_bytes(str(record), json.dumps(sorted(pushed)).encode())
+        finally:
+            storage.write_bytes(str(current), current_bytes)
+        return True
+
+    def checkout(self, md5: str) -> Path:
+        """Bring the dataset folder back to version ``md5`` (pulled from the remote when not in the cache)."""
+        match = [v for v in self.versions() if v["md5"].startswith(md5)]
+        if len(match) != 1:
+            raise ObjretError(f"{'no' if not match else 'more than one'} dataset version matches {md5!r} in "
+                              f"{self.root} (versions.jsonl lists them)")
+        with self.lock(), self._repo() as repo:
+            storage.write_bytes(str(self.root / f"{DATASET_NAME}.dvc"), (self.root / match[0]["dvc_file"]).read_bytes())
+            target = str(self.root / f"{DATASET_NAME}.dvc")
+            if self.remote:
+                repo.pull(targets=[target], remote=REMOTE_NAME, force=True)
+            else:
+                repo.checkout(targets=[target], force=True)
+        return self.dataset_dir
+
+
+def _md5_of(dvc_file: Path) -> str:
+    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    if len(outs) != 1 or "md5" not in outs[0]:
+        raise ObjretError(f"{dvc_file} is not the .dvc file of one folder")
+    return str(outs[0]["md5"]).removesuffix(".dir")

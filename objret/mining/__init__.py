@@ -1,0 +1,3 @@
+"""Mining: a failure report (frame, box, class) enters; the query object, a shortlist from the index and a
+ranking by a named method (fused, regions, dtm, gem, rmac, discovery) leave, de-duplicated, with boxes and heat maps.
+"""

@@ -1,0 +1,79 @@
+"""Dataset steps: mined frames pushed to the retraining dataset (versioned, published); review decisions applied."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from objret import storage
+from objret.dataset.coco import ANNOTATIONS_FILE, MinedFrame, PushResult, publish, push
+from objret.dataset.decisions import ApplyResult, Decisions, apply_decisions, rejected_frames
+from objret.dataset.review_page import write_review_page
+from objret.errors import StoreError
+from objret.mining.report import FailureReport
+from objret.steps.mine import MiningOutcome
+from objret.steps.workspace import Workspace
+
+
+def push_mined(ws: Workspace, report: FailureReport, outcome: MiningOutcome) -> PushResult:
+    """Push the mined frames with their boxes and provenance to the retraining dataset (idempotent)."""
+    mined_frames = [MinedFrame(frame_id=k["frame_id"], uri=k["uri"], image_uri=k["image_uri"], width=k["width"],
+                               height=k["height"], score=k["score"], box=tuple(k["box"]), rank=k["rank"],
+                               frame_index=k["frame_index"], time_s=k["time_s"],
+                               evidence={**k["evidence"], "near_duplicates": len(k["duplicates"])})
+                    for k in outcome.mined]
+    registry = ws.dataset_registry
+    with registry.lock():   # concurrent mining runs take turns: each push builds on the one before
+        rejected = rejected_frames(str(registry.dataset_dir), report.report_id)   # by a review: never again
+        mined_frames = [f for f in mined_frames if f.frame_id not in rejected]
+        result = push(str(registry.dataset_dir), report, mined_frames, outcome.provenance,
+                      copy_frames=bool(ws.params.section("dataset").get("copy_frames", True)),
+                      endpoint_url=ws.s3_endpoint_url)
+        # Every call: a push that changed nothing maps to the version it already is (and a version a killed
+        # run did not record is recorded now).
+        version = registry.commit({"report_id": report.report_id, "annotations_sha": result.version})
+        if ws.dataset_root != str(registry.dataset_dir):
+            _publish(ws, version)
+            result = replace(result, root=ws.dataset_root,
+                             annotations_uri=storage.join(ws.dataset_root, ANNOTATIONS_FILE))
+    return replace(result, dvc_md5=version.md5, dvc_version=version.number, dvc_file=version.dvc_file,
+                   dvc_pushed=version.pushed, rejected=len(outcome.mined) - len(mined_frames))
+
+
+def _publish(ws: Workspace, version) -> None:
+    """The registry's dataset published to dataset.root (call with the registry's lock held). When the store
+    fails, the error says what is safe: the version is in the registry, readers of dataset.root still see the
+    previous one whole (annotations.json is written last), and the next push or review publishes it."""
+    registry = ws.dataset_registry
+    try:
+        publish(str(registry.dataset_dir), ws.dataset_root, ws.s3_endpoint_url)
+    except StoreError as exc:
+        raise StoreError(f"dataset version {version.number} ({version.md5}) is saved in {registry.root} but is not "
+                         f"published to {ws.dataset_root} yet (readers there see the previous version; the next "
+                         f"push publishes it): {exc}") from exc
+
+
+def review_page(ws: Workspace, outcome: MiningOutcome, run: dict | None = None) -> tuple[str, str]:
+    """The mining run's review page (objret.dataset.review_page) in its run folder and beside the dataset
+    (Workspace.reviews_root); returns both locations. ``run``: what else to show and export (MLflow run, dataset
+    version)."""
+    local = str(Path(outcome.run_dir) / "review.html")
+    beside = storage.join(ws.reviews_root, f"{outcome.report_id}.html")
+    write_review_page(outcome.mined_json, [local, beside], run, ws.s3_endpoint_url)
+    return local, beside
+
+
+def apply_review(ws: Workspace, decisions: Decisions) -> ApplyResult:
+    """A review's decisions applied to the retraining dataset as a new version: the rejected frames' annotations
+    removed, the rejections remembered (objret.dataset.decisions), then versioned and published as a push is."""
+    registry = ws.dataset_registry
+    with registry.lock():
+        result = apply_decisions(str(registry.dataset_dir), decisions)
+        version = registry.commit({"report_id": decisions.report_id, "annotations_sha": result.version,
+                                   "review": {"accepted": result.accepted, "rejected": result.rejected,
+                                              "removed": result.removed}})
+        if ws.dataset_root != str(registry.dataset_dir):
+            _publish(ws, version)
+            result = replace(result, root=ws.dataset_root)
+    return replace(result, dvc_md5=version.md5, dvc_version=version.number, dvc_file=version.dvc_file,
+                   dvc_pushed=version.pushed)

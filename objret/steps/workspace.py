@@ -1,0 +1,118 @@
+"""Where a run's artifacts live under the work folder, derived from params.yaml in one place."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from objret.config import Params
+from objret.features.backbone import Backbone, build_backbone
+from objret.features.cache import FeatureCache
+from objret.ingest.lake import Lake
+
+
+class Workspace:
+    def __init__(self, params: Params, root: str | Path | None = None):
+        self.params = params
+        self.root = Path(root or params.get("workdir") or ".objret").resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @cached_property
+    def lake(self) -> Lake:
+        return Lake(self.root / "lake")
+
+    @cached_property
+    def backbone(self) -> Backbone:
+        f = self.params.section("features")
+        return build_backbone(f.get("backbone", "efficientnet_lite2"), tuple(f.get("layers", ("stride16", "stride32"))),
+                              int(f.get("max_side", 640)), f.get("resnet50_weights"))
+
+    @cached_property
+    def cache(self) -> FeatureCache:
+        return FeatureCache(self.root / "features", self.backbone.spec.cache_key())
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index" / self.backbone.spec.cache_key()
+
+    @property
+    def region_store(self):
+        from objret.regions.store import RegionStore, params_key
+
+        rp = self.params.section("regions")
+        key = params_key({k: rp.get(k) for k in ("layer", "sources", "uniform_levels", "pooling", "egm", "detector", "dasr")})
+        return RegionStore(self.root / "regions" / f"{self.backbone.spec.cache_key()}-{key}")
+
+    @property
+    def whitening_path(self) -> Path:
+        w = self.params.section("regions").get("whitening", {})
+        return self.root / "whitening" / f"{self.region_store.dir.name}-d{w.get('dim', 256)}-s{w.get('shrinkage', 0.0)}.npz"
+
+    def load_whitening(self):
+        """The fitted whitening when enabled (None when disabled); enabled but not fitted is an error."""
+        from objret.errors import ObjretError
+        from objret.regions.whitening import Whitening
+
+        if not self.params.section("regions").get("whitening", {}).get("enabled"):
+            return None
+        if not self.whitening_path.exists():
+            raise ObjretError("whitening is enabled but not fitted: run build-index")
+        return Whitening.load(str(self.whitening_path))
+
+    def current_index_dir(self) -> Path:
+        """The region index matching the current regions and whitening parameters."""
+        whitening = self.load_whitening()
+        return self.index_dir / f"regions-{self.region_store.dir.name}-{whitening.version() if whitening else 'l2'}"
+
+    def graph_dir(self) -> Path:
+        """The region graph of the current region index: the same sub-path under ``graph/`` as under ``index/``."""
+        return self.root / "graph" / self.current_index_dir().relative_to(self.root / "index")
+
+    def run_dir(self, name: str) -> Path:
+        from objret.errors import ObjretError
+
+        # Names come from report ids (schema-checked file names): anything that could climb out is refused.
+        if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
+            raise ObjretError(f"{name!r} cannot name a run folder")
+        path = self.root / "runs" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def dataset_registry(self):
+        """The DVC repository that versions the retraining dataset (its working copy is the dataset folder)."""
+        from objret.dataset.registry import DatasetRegistry
+
+        dp = self.params.section("dataset")
+        return DatasetRegistry(dp.get("registry") or self.root / "datasets", remote=dp.get("dvc_remote"),
+                               endpoint_url=self.s3_endpoint_url)
+
+    @property
+    def dataset_root(self) -> str:
+        """Where the dataset's users read it: dataset.root (each version published there), else the registry's
+        working copy."""
+        return self.params.section("dataset").get("root") or str(self.dataset_registry.dataset_dir)
+
+    @property
+    def reviews_root(self) -> str:
+        """Where mining runs' review pages go, beside the dataset: <dataset.root>/reviews, else <registry>/reviews
+        (beside the registry's working copy, not in it: a page is no part of the versioned dataset)."""
+        from objret import storage
+
+        root = self.params.section("dataset").get("root")
+        return storage.join(root, "reviews") if root else str(self.dataset_registry.root / "reviews")
+
+    @property
+    def s3_endpoint_url(self) -> str | None:
+        return self.params.section("lake").get("s3_endpoint_url")
+
+    @property
+    def tracking_uri(self) -> str:
+        """tracking.mlflow_uri, else the MLFLOW_TRACKING_URI environment variable, else the work folder's SQLite."""
+        return (self.params.section("tracking").get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{self.root / 'mlflow.db'}")
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.root / "mlartifacts").as_uri()

@@ -1,0 +1,159 @@
+"""`dvc repro` over the build's stages (dvc.yaml) on a tiny lake, in a copy of the checkout: every stage runs,
+metrics and the recall@K plot hold real numbers, a parameter change re-runs only the stages it reaches, and
+`dvc push` / `dvc pull` against a real S3 store (SeaweedFS) restore the outputs byte for byte."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["ingest", "features", "regions", "whitening", "index", "graph", "eval"]
+CACHED_OUTS = [".objret/lake", ".objret/features", ".objret/regions", ".objret/whitening", ".objret/index",
+               ".objret/graph", ".objret/eval"]
+LEFT_OUT = {"dvc.lock"}   # outputs of a run in the checkout itself
+
+
+def project_files() -> list[str]:
+    """The checkout's files as a commit of the working tree would hold them: tracked and new, not ignored."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    return sorted(f for f in set(listed) if f and f not in LEFT_OUT and not f.startswith("eval/")
+                  and (REPO / f).is_file())
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def project(tmp_path, tud_campus_bench, prefect_server):
+    """A git + DVC copy of the checkout whose params.yaml builds a lake of 20 TUD-Campus frames with
+    EfficientNet-Lite0 at 320 px and evaluates on a bench of the same frames (3 instance queries)."""
+    from prefect.settings import PREFECT_API_URL
+
+    bench = tud_campus_bench(tmp_path / "bench", set(range(16, 36)))
+    root = tmp_path / "project"
+    for name in project_files():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["lake"]["sources"] = [str(bench / "tud_campus" / "images")]
+    params["features"].update(backbone="efficientnet_lite0", max_side=320)
+    params["regions"]["sources"] = ["whole", "uniform", "egm"]
+    params["graph"].update(k=20, sample_frames=0)
+    params["mining"].update(scales=[0.75, 1.0, 1.5], mirror=False)
+    params["eval"].update(bench=str(bench), methods="fused,gem")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    api_url = PREFECT_API_URL.value()
+
+    def run(*command: str) -> str:
+        # The stages' python is this one; their flows report to the test's Prefect server. The environment is
+        # read now: the S3 fixture's AWS variables (the remote's credentials) are set after this fixture.
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                   PREFECT_API_URL=api_url, DVC_NO_ANALYTICS="1", DVC_STUDIO_OFFLINE="1", GIT_AUTHOR_NAME="t",
+                   GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+        env.pop("MLFLOW_TRACKING_URI", None)   # the work folder's own MLflow store
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+        return done.stdout
+
+    run("git", "init", "-q")
+    assert (root / ".dvc" / "config").is_file()   # the checkout is a DVC project already (no `dvc init`)
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "project")
+    return root, run
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def changed_stages(status_json: str) -> set[str]:
+    return set(json.loads(status_json))
+
+
+def edit_params(root: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_dvc_repro_metrics_plots_partial_rerun_and_s3_push_pull(project, s3_store):
+    root, run = project
+    timings = {}
+    start = time.perf_counter()
+    first = run("dvc", "repro")
+    timings["repro"] = time.perf_counter() - start
+    assert sorted(ran_stages(first)) == sorted(STAGES), first
+    assert changed_stages(run("dvc", "status", "--json")) == set()   # no stage touched another's outputs
+
+    # Metrics: every method's aggregates over the bench's 3 instance queries (tud_campus, a video set).
+    shown = json.loads(run("dvc", "metrics", "show", "--json"))   # {"<workspace>": {"data": {file: ...}}}
+    metrics = next(iter(shown.values()))["data"]["eval/metrics.json"]["data"]
+    assert set(metrics) == {"fused", "gem"}
+    for method in metrics.values():
+        video = method["video_instance"]
+        assert video["n"] == 3 and 0 < video["mAP"] <= 1 and 0 < video["R@10"] <= 1
+    # Plot: mean Recall@K of each method for K = 1 .. the longest ranking, rising to R@10 of the metrics (the
+    # galleries hold under 10 frames; a query without positives counts 0 in both).
+    with open(root / "eval" / "recall_at_k.csv") as f:
+        rows = list(csv.DictReader(f))
+    for name in ("fused", "gem"):
+        curve = [float(r["recall"]) for r in rows if r["method"] == name]
+        assert [int(r["k"]) for r in rows if r["method"] == name] == list(range(1, len(curve) + 1))
+        assert 5 <= len(curve) < 10 and curve == sorted(curve) and curve[0] > 0
+        assert curve[-1] == pytest.approx(metrics[name]["instance"]["R@10"], abs=1e-6)
+    plot = json.loads(run("dvc", "plots", "show", "--json"))["data"]["eval/recall_at_k.csv"][0]
+    points = plot["content"]["data"]["values"]
+    assert {p["method"] for p in points} == {"fused", "gem"} and len(points) == len(rows)
+    assert plot["content"]["encoding"]["color"]["field"] == "method"   # the template's one line per method
+
+    # A parameter reaches only the stages that read it: mining only eval, graph.k only graph.
+    edit_params(root, "mining", "top_k", 7)
+    assert changed_stages(run("dvc", "status", "--json")) == {"eval"}
+    edit_params(root, "mining", "top_k", 50)
+    graph_before = tree_digest(root / ".objret" / "graph")
+    edit_params(root, "graph", "k", 10)
+    assert changed_stages(run("dvc", "status", "--json")) == {"graph"}
+    start = time.perf_counter()
+    second = run("dvc", "repro")
+    timings["repro after graph.k"] = time.perf_counter() - start
+    assert ran_stages(second) == ["graph"], second
+    assert tree_digest(root / ".objret" / "graph") != graph_before
+    assert changed_stages(run("dvc", "status", "--json")) == set()
+
+    # dvc push to S3, then every cached output and the local cache gone, dvc pull: the same bytes again.
+    s3_store.client().create_bucket(Bucket="objret-dvc")
+    run("dvc", "remote", "add", "-d", "store", "s3://objret-dvc/build")
+    run("dvc", "remote", "modify", "store", "endpointurl", s3_store.endpoint_url)
+    run("dvc", "remote", "modify", "store", "region", s3_store.region)
+    before = {out: tree_digest(root / out) for out in CACHED_OUTS}
+    start = time.perf_counter()
+    run("dvc", "push")
+    timings["push"] = time.perf_counter() - start
+    stored = s3_store.client().list_objects_v2(Bucket="objret-dvc", Prefix="build/")
+    assert stored["KeyCount"] > 0
+    for out in CACHED_OUTS:
+        shutil.rmtree(root / out)
+    shutil.rmtree(root / ".dvc" / "cache")
+    start = time.perf_counter()
+    run("dvc", "pull")
+    timings["pull"] = time.perf_counter() - start
+    assert {out: tree_digest(root / out) for out in CACHED_OUTS} == before
+    assert changed_stages(run("dvc", "status", "--json")) == set()
+    print("timings (s):", {k: round(v, 1) for k, v in timings.items()})

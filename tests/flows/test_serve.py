@@ -1,0 +1,166 @@
+"""`objret serve` against a real Prefect server: reports submitted from the CLI and dropped in a watched folder
+are mined once each, at most `service.mine_concurrency` at a time, a failing report fails alone; the cron
+deployment refreshes the index with the frames that landed in the lake folder since the last build."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures.services import stop_group
+from tasks.report_ledger import ReportLedger
+
+pytestmark = pytest.mark.slow
+
+FRAMES = [101, 103, 105, 107, 109, 111, 113, 115]   # PETS 2009 frames in the lake at first
+LATER = [117, 119]                                   # frames that land in the lake folder while serving
+SETTINGS = ["features.backbone=efficientnet_lite0", "features.max_side=320", "mining.top_k=3",
+            "mining.scales=[0.75,1.0,1.5]"]
+
+
+def _objret(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"objret {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def _report(report_id: str, frame_uri: str, box: list[float]) -> dict:
+    return {"report_id": report_id, "detector": {"name": "det", "version": "1"}, "frame": {"uri": frame_uri},
+            "box": box, "class_name": "person", "failure_kind": "false_negative"}
+
+
+def _wait(what: str, condition, timeout: float, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out waiting for {what}; serve log:\n{log.read_text(errors='replace')[-6000:]}")
+
+
+def _flow_runs(api: str, deployment: str) -> list[dict]:
+    dep = httpx.get(f"{api}/deployments/name/{deployment}", timeout=10).json()
+    return httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [dep["id"]]}}},
+                      timeout=10).json()
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_schedule(
+        prefect_api, bench_dir, tmp_path):
+    images = bench_dir / "pets09_s2l1" / "images"
+    lake, watch, work = tmp_path / "lake", tmp_path / "watch", tmp_path / "work"
+    lake.mkdir(), watch.mkdir()
+    for n in FRAMES:
+        shutil.copy(images / f"{n:06d}.jpg", lake)
+    settings = [*SETTINGS, f"lake.sources=[{lake}]"]
+    sets = [arg for s in settings for arg in ("--set", s)]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "client-home")}
+    _objret("build-index", "--workdir", str(work), *sets, env=env)
+
+    ann = json.loads((bench_dir / "pets09_s2l1" / "annotations.json").read_text())["annotations"]
+    box = next(a["bbox"] for a in ann if a["image_id"] == 105)
+    reports = {rid: _report(rid, str(lake / f"{n:06d}.jpg"), box)
+               for rid, n in [("r1", 105), ("r2", 113)]}
+    reports["no-frame"] = _report("no-frame", str(tmp_path / "missing.jpg"), box)   # valid, fails when mined
+    for rid, report in reports.items():
+        (tmp_path / f"{rid}.json").write_text(json.dumps(report))
+    (tmp_path / "malformed.json").write_text(json.dumps({**reports["r1"], "report_id": "m1", "box": [1, 2, -3, 4]}))
+
+    serve_log = tmp_path / "serve.out"
+    with open(serve_log, "wb") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--workdir", str(work), *sets,
+             "--set", "service.refresh_cron=* * * * *", "--set", "service.mine_concurrency=2",
+             "--set", f"service.watch.sources=[{watch}]", "--set", "service.watch.interval_s=15"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait("the deployments", lambda: httpx.get(f"{prefect_api}/deployments/name/mine-report/mine",
+                                                   timeout=5).status_code == 200, 120, serve_log)
+        for n in LATER:   # land while the service runs: the next scheduled refresh picks them up
+            shutil.copy(images / f"{n:06d}.jpg", lake)
+
+        submitted = _objret("report", "submit", *[str(tmp_path / f"{r}.json") for r in [*reports, "malformed"]],
+                            "--workdir", str(work), *sets, env=env, check=False)
+        assert submitted.returncode == 2   # one file refused, the others sent
+        assert "m1" not in submitted.stdout and "box" in submitted.stderr and "malformed.json" in submitted.stderr
+        assert submitted.stdout.count("submitted report") == 3
+        again = _objret("report", "submit", str(tmp_path / "r1.json"), "--workdir", str(work), *sets, env=env)
+        assert "already" in again.stdout
+        (watch / "dropped.json").write_text(json.dumps({**reports["r2"], "report_id": "w1"}))
+        (watch / "duplicate.json").write_text(json.dumps(reports["r2"]))   # an id submitted from the CLI
+
+        ledger = ReportLedger(work / "reports")
+        expected = {"r1": "mined", "r2": "mined", "w1": "mined", "no-frame": "failed"}
+
+        def settled():
+            states = {e["report_id"]: e["state"] for e in ledger.entries()}
+            return states if states == expected else None
+
+        _wait("the reports to be mined", settled, 420, serve_log)
+
+        def refreshed():
+            runs = _flow_runs(prefect_api, "build-index/refresh-index")
+            return any(r["state_type"] == "COMPLETED" for r in runs) and len(LATER) in _build_metrics(work)["ingest_added"]
+
+        _wait("a scheduled refresh run with the new frames", refreshed, 200, serve_log)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        stop_group(serve)
+
+    # One mining run per accepted report: re-submission and the watched duplicate started none.
+    runs = _flow_runs(prefect_api, "mine-report/mine")
+    assert sorted(r["parameters"]["report"]["report_id"] for r in runs) == ["no-frame", "r1", "r2", "w1"]
+    states = {r["parameters"]["report"]["report_id"]: r["state_type"] for r in runs}
+    assert states == {"no-frame": "FAILED", "r1": "COMPLETED", "r2": "COMPLETED", "w1": "COMPLETED"}
+    # Bounded concurrency: never more than 2 mining runs at once.
+    events = sorted([(_ts(r["start_time"]), 1) for r in runs] + [(_ts(r["end_time"]), -1) for r in runs])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert 1 <= peak <= 2
+    assert "missing.jpg" in ledger.state("no-frame")["error"]
+
+    # Every mined report is in the retraining dataset; the failed one left nothing there.
+    coco = json.loads((work / "datasets" / "retraining" / "annotations.json").read_text())
+    assert {a["objret"]["report_id"] for a in coco["annotations"]} == {"r1", "r2", "w1"}
+    versions = [json.loads(line) for line in (work / "datasets" / "versions.jsonl").read_text().splitlines()]
+    assert sorted(v["report_id"] for v in versions) == ["r1", "r2", "w1"]   # one dataset version per mined report
+
+    # The scheduled refresh ingested only the frames that landed later, and indexed them.
+    metrics = _build_metrics(work)
+    assert metrics["ingest_added"][0] == len(FRAMES) and set(metrics["ingest_added"][1:]) <= {0, len(LATER)}
+    assert max(metrics["index_frames"]) == len(FRAMES) + len(LATER)
+
+
+def _build_metrics(work: Path) -> dict[str, list[float]]:
+    """The metrics of the build-index runs in the work folder's MLflow store, oldest run first."""
+    with sqlite3.connect(work / "mlflow.db") as db:
+        rows = db.execute("SELECT m.key, m.value FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid JOIN runs r "
+                          "ON r.run_uuid = m.run_uuid WHERE t.key = 'flow' AND t.value = 'build-index' "
+                          "ORDER BY r.start_time, m.timestamp").fetchall()
+    out: dict[str, list[float]] = {}
+    for key, value in rows:
+        out.setdefault(key, []).append(value)
+    return out

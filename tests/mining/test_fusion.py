@@ -1,0 +1,381 @@
+"""objret.mining.methods's region-based methods over a small real lake: ``fused`` (region shortlist + template re-ranking),
+``regions`` and the ``rmac`` baseline, with LakeMaps built the way objret.mining.lakemaps builds them (stored regions,
+region_vectors), on lite0 maps at 320 px of 12 bench frames, one of which holds a pasted object."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from objret.features.backbone import build_backbone
+from objret.config import load_params
+from objret.features.cache import extract_maps
+from objret.ingest.lake import load_image
+from objret.mining.lakemaps import region_vectors
+from objret.mining.template_matching import MapStack
+from objret.boxes import iou_xywh
+from objret.mining.lakemaps import LakeMaps
+from objret.mining.methods import QueryObject, rank
+from objret.mining.evidence import best_region_per_frame
+from objret.regions.sources import rmac
+from objret.regions.pooling import box_to_cells, gem
+from objret.regions.store import RegionStore
+from objret.regions.sources import SOURCES, frame_regions, pool_regions
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MAX_SIDE = 320
+PASTE_XY = (413, 261)  # where A's clock goes in the tud_stadtmitte frame (not on the cell grid)
+OTHERS = {  # unrelated frames of every set; two more street frames of B's video are the hardest negatives
+    "tud_100": "tud_stadtmitte/images/000100.jpg",
+    "tud_150": "tud_stadtmitte/images/000150.jpg",
+    "kitti_40": "kitti_0005/images/0000000040.jpg",
+    "kitti_100": "kitti_0005/images/0000000100.jpg",
+    "pets_101": "pets09_s2l1/images/000101.jpg",
+    "pets_301": "pets09_s2l1/images/000301.jpg",
+    "campus_30": "tud_campus/images/000030.jpg",
+    "zebra": "coco_mini/images/000000000034.jpg",
+    "coco_9": "coco_mini/images/000000000009.jpg",
+}
+
+
+@pytest.fixture(scope="module")
+def scene(bench_dir, tmp_path_factory):
+    """Query: coco_mini 000000000064.jpg (frame A, 480 x 640) and its "clock" box. B: tud_stadtmitte 000050 with
+    A's box crop pasted at PASTE_XY; B's clean original and 9 other real frames complete a lake of 12 (A is in
+    the lake too, as a query frame from the lake would be)."""
+    coco = json.loads((bench_dir / "coco_mini" / "annotations.json").read_text())
+    image = next(i for i in coco["images"] if i["file_name"] == "images/000000000064.jpg")
+    clock = next(c["id"] for c in coco["categories"] if c["name"] == "clock")
+    box = tuple(next(a["bbox"] for a in coco["annotations"]
+                     if a["image_id"] == image["id"] and a["category_id"] == clock))
+    a = load_image(str(bench_dir / "coco_mini" / image["file_name"]))
+    x0, y0 = int(round(box[0])), int(round(box[1]))
+    crop = a[y0:int(round(box[1] + box[3])), x0:int(round(box[0] + box[2]))]
+    clean = load_image(str(bench_dir / "tud_stadtmitte" / "images" / "000050.jpg"))
+    pasted = clean.copy()
+    px, py = PASTE_XY
+    pasted[py:py + crop.shape[0], px:px + crop.shape[1]] = crop
+    paste_box = (px, py, crop.shape[1], crop.shape[0])
+    images = {"A": a, "B": pasted, "B_clean": clean,
+              **{k: load_image(str(bench_dir / rel)) for k, rel in OTHERS.items()}}
+    assert len(images) == 12
+
+    backbone = build_backbone("efficientnet_lite0", layers=("stride16", "stride32"), max_side=MAX_SIDE)
+    maps = extract_maps(backbone, list(images.items()), device=torch.device("cpu"))
+    ids = list(images)
+    frames = [SimpleNamespace(frame_id=i, width=images[i].shape[1], height=images[i].shape[0]) for i in ids]
+
+    # Regions as pipeline.regions stores them: whole + uniform on the stride-32 map, average-pooled, raw.
+    store = RegionStore(tmp_path_factory.mktemp("regions"))
+    per_frame = {}
+    for i in ids:
+        fmap = maps[i]["stride32"]
+        found = frame_regions(fmap, {"sources": ["whole", "uniform"], "uniform_levels": 3})
+        per_frame[i] = (found, pool_regions(fmap, found.boxes, "avg"), tuple(fmap.shape[-2:]))
+    store.write(per_frame)
+    regions = region_vectors(store.load(), frames, "stride32", "avg")
+
+    stack = MapStack(ids, [maps[i]["stride16"] for i in ids], [(f.width, f.height) for f in frames])
+    lake = LakeMaps(stack, np.stack([gem(maps[i]["stride32"]) for i in ids]), regions,
+                    np.stack([rmac(maps[i]["stride32"]) for i in ids]))
+    query = QueryObject(maps["A"], (a.shape[1], a.shape[0]), box, frame_id="A")
+    mining = dict(load_params().section("mining"))
+    params = {**mining, "layer": "stride16", "scales": [0.5, 1.0, 2.0], "gem_p": 3.0}
+    return SimpleNamespace(ids=ids, lake=lake, query=query, params=params, paste_box=paste_box, box=box,
+                           frames=frames, per_frame=per_frame, maps=maps)
+
+
+def _order_without(ranking, excluded=("A",)):
+    return [ranking.frame_ids[i] for i in ranking.order() if ranking.frame_ids[i] not in excluded]
+
+
+def test_region_vectors_follow_the_lake(scene):
+    regions, ids = scene.lake.regions, scene.ids
+    assert regions.layer == "stride32" and regions.pooling == "avg" and regions.whitening is None
+    assert len(regions.vectors) == len(regions.owner) == len(regions.boxes)
+    assert len(regions.vectors) == sum(len(v[0]) for v in scene.per_frame.values())
+    np.testing.assert_allclose(np.linalg.norm(regions.vectors, axis=1), 1.0, atol=1e-5)
+    for row, fid in enumerate(ids):
+        mine = regions.boxes[regions.owner == row]
+        assert len(mine) == len(scene.per_frame[fid][0])
+        width, height = scene.frames[row].width, scene.frames[row].height
+        np.testing.assert_allclose(mine[0], [0, 0, width, height], rtol=1e-5)  # the whole region first
+
+
+def test_fused_puts_the_pasted_frame_first_with_its_box(scene):
+    # Max fusion takes template boxes for every re-ranked frame (adaptive fusion: see the tests below).
+    ranking = rank("fused", scene.query, scene.lake, {**scene.params, "rerank": 200, "fusion": "max"},
+                   keep_heatmaps=5)
+    order = _order_without(ranking)
+    b = scene.ids.index("B")
+    assert order[0] == "B", dict(zip(ranking.frame_ids, ranking.scores.round(2).tolist()))
+    assert iou_xywh(ranking.boxes[b], scene.paste_box) >= 0.5, (ranking.boxes[b], scene.paste_box)
+    # The clean copy of B differs only by the paste: it scores lower.
+    assert ranking.scores[b] > ranking.scores[scene.ids.index("B_clean")]
+    assert np.isfinite(ranking.scores).all() and ranking.scores.dtype == np.float32
+    # Evidence and heat maps for the top frames: the three kinds of evidence, consistent with the parts.
+    top = [ranking.frame_ids[i] for i in ranking.order()[:5]]
+    assert set(ranking.evidence) == set(top) == set(ranking.heatmaps)
+    region, _ = best_region_per_frame(scene.query, scene.lake)
+    glob = scene.lake.global_vectors @ gem(scene.query.maps["stride32"])
+    dtm = rank("dtm", scene.query, scene.lake, scene.params)
+    for fid in top:
+        i = scene.ids.index(fid)
+        evidence = ranking.evidence[fid]
+        assert set(evidence) == {"region", "template", "global"}
+        assert evidence["region"] == pytest.approx(float(region[i]), abs=1e-5)
+        assert evidence["global"] == pytest.approx(float(glob[i]), abs=1e-5)
+        assert evidence["template"] == pytest.approx(float(dtm.scores[i]), abs=1e-4)  # the same matching
+        assert all(-1.0 - 1e-4 <= v <= 1.0 + 1e-4 for v in evidence.values())
+        heat = ranking.heatmaps[fid]
+        assert heat.shape == tuple(scene.lake.stack.map_sizes[i]) and 0 <= heat.min() and heat.max() <= 1
+    # B's template evidence is the strongest of all frames but the query frame itself.
+    assert dtm.scores[b] == max(dtm.scores[scene.ids.index(f)] for f in scene.ids if f != "A")
+
+
+def test_frames_outside_the_shortlist_stay_below_it(scene):
+    candidates = 5
+    params = {**scene.params, "fusion": "sum"}
+    ranking = rank("fused", scene.query, scene.lake, {**params, "rerank": candidates}, keep_heatmaps=candidates)
+    region, region_boxes = best_region_per_frame(scene.query, scene.lake)
+    glob = scene.lake.global_vectors @ gem(scene.query.maps["stride32"])
+    weight = scene.params["weights"]["global"]
+    expected = {scene.ids[i] for i in np.argsort(-(region + weight * glob), kind="stable")[:candidates]}
+    shortlist = set(ranking.heatmaps)  # re-ranked frames are the ones with heat maps
+    assert shortlist == expected
+    rows = np.array([scene.ids.index(f) for f in sorted(shortlist)])
+    outside = np.array([i for i in range(len(scene.ids)) if scene.ids[i] not in shortlist])
+    lowest = rows[np.argmin(ranking.scores[rows])]
+    checked = 0
+    for o in outside:
+        # Left out of the re-ranking: the best region's box (not a template box).
+        np.testing.assert_allclose(ranking.boxes[o], region_boxes[o])
+        if region[o] < region[lowest] and glob[o] <= glob[lowest]:
+            assert ranking.scores[o] < ranking.scores[lowest]
+            checked += 1
+    assert checked >= 3  # the comparison is not vacuous
+
+    # Without global evidence the shortlist is the top by region score, and all of it outranks the rest.
+    no_global = {**params, "rerank": candidates, "weights": {"region": 1.0, "template": 1.0, "global": 0.0}}
+    ranking = rank("fused", scene.query, scene.lake, no_global, keep_heatmaps=candidates)
+    shortlist = [scene.ids.index(f) for f in ranking.heatmaps]
+    assert set(shortlist) == set(np.argsort(-region, kind="stable")[:candidates].tolist())
+    rest = [i for i in range(len(scene.ids)) if i not in shortlist]
+    assert ranking.scores[shortlist].min() > ranking.scores[rest].max()
+
+
+def test_regions_method_returns_region_boxes_in_pixels(scene):
+    ranking = rank("regions", scene.query, scene.lake, scene.params)
+    lake = scene.lake
+    region, _ = best_region_per_frame(scene.query, lake)
+    glob = lake.global_vectors @ gem(scene.query.maps["stride32"])
+    np.testing.assert_allclose(ranking.scores, region + scene.params["weights"]["global"] * glob, atol=1e-5)
+    for row, fid in enumerate(scene.ids):
+        own = lake.regions.boxes[lake.regions.owner == row]
+        box = ranking.boxes[row]
+        assert np.isclose(own, box, atol=1e-4).all(axis=1).any(), (fid, box)  # one of the frame's own regions
+        x, y, w, h = box
+        width, height = scene.frames[row].width, scene.frames[row].height
+        assert x >= -1e-3 and y >= -1e-3 and w > 0 and h > 0
+        assert x + w <= width + 1e-3 and y + h <= height + 1e-3
+        # Region boxes are whole/uniform regions: source codes as stored.
+        assert set(scene.per_frame[fid][0].sources.tolist()) == {SOURCES.index("whole"), SOURCES.index("uniform")}
+    # Each frame's score is its best region's cosine (the global term aside), the best over its own regions.
+    fmap = scene.query.maps["stride32"]
+    cells = np.array([box_to_cells(scene.box, scene.query.image_size, fmap.shape[-2:])], np.float32)
+    sims = lake.regions.vectors @ lake.regions.encode(pool_regions(fmap, cells, "avg"))[0]
+    for row in range(len(scene.ids)):
+        assert region[row] == pytest.approx(float(sims[lake.regions.owner == row].max()), abs=1e-5)
+
+
+def test_rmac_baseline(scene):
+    ranking = rank("rmac", scene.query, scene.lake, scene.params)
+    a = scene.ids.index("A")
+    assert ranking.frame_ids[ranking.order()[0]] == "A"  # the query frame's own R-MAC
+    assert ranking.scores[a] == pytest.approx(1.0, abs=1e-5)
+    assert (ranking.scores <= 1 + 1e-5).all() and (ranking.scores >= -1 - 1e-5).all()
+    for row, frame in enumerate(scene.frames):
+        np.testing.assert_allclose(ranking.boxes[row], [0, 0, frame.width, frame.height])
+    # B and its clean copy are nearly the same image; the pasted clock lifts B towards the query.
+    b, clean = scene.ids.index("B"), scene.ids.index("B_clean")
+    assert float(scene.lake.rmac_vectors[b] @ scene.lake.rmac_vectors[clean]) > 0.9
+    assert ranking.scores[b] > ranking.scores[clean]
+    with pytest.raises(ValueError, match="unknown mining method"):
+        rank("nope", scene.query, scene.lake, scene.params)
+
+
+def test_rmac_is_unit_norm(scene):
+    for fid in scene.ids:
+        fmap = scene.maps[fid]["stride32"]
+        vector = rmac(fmap)
+        assert vector.shape == (fmap.shape[0],) and vector.dtype == np.float32
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(rmac(fmap.astype(np.float32) * 3.0), vector, atol=1e-5)  # scale-invariant
+    assert not np.allclose(rmac(scene.maps["A"]["stride32"]), rmac(scene.maps["zebra"]["stride32"]))
+
+
+def test_small_boxes_are_matched_on_every_frame(scene):
+    """A box under ``small_box`` of its frame skips the region shortlist: every frame gets template evidence,
+    the same as plain template matching gives it."""
+    params = {**scene.params, "rerank": 1, "small_box": 1.0}
+    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(scene.ids))
+    dtm = rank("dtm", scene.query, scene.lake, scene.params)
+    assert set(ranking.evidence) == set(scene.ids)
+    for i, fid in enumerate(scene.ids):
+        assert ranking.evidence[fid]["template"] == pytest.approx(float(dtm.scores[i]), abs=1e-4)
+    assert _order_without(ranking)[0] == "B"
+    # Without small_box the same rerank=1 template-matches one frame only.
+    one = rank("fused", scene.query, scene.lake, {**scene.params, "rerank": 1}, keep_heatmaps=len(scene.ids))
+    assert len(one.evidence) == 1
+
+
+def test_max_fusion_takes_the_better_evidence(scene):
+    params = {**scene.params, "rerank": len(scene.ids), "fusion": "max"}
+    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(scene.ids))
+    summed = rank("fused", scene.query, scene.lake, {**params, "fusion": "sum"}, keep_heatmaps=len(scene.ids))
+    w = scene.params["weights"]
+    z = {}
+    for kind in ("region", "template", "global"):   # standardised over the lake without the query frame A
+        values = np.array([summed.evidence[f][kind] for f in scene.ids])
+        z[kind] = (values - values[1:].mean()) / (values[1:].std() + 1e-6)
+    context = w["region"] * z["region"] + w["global"] * z["global"]
+    np.testing.assert_allclose(ranking.scores, np.maximum(context, w["template"] * z["template"]), atol=1e-4)
+    np.testing.assert_allclose(summed.scores, context + w["template"] * z["template"], atol=1e-4)
+    assert _order_without(ranking)[0] == "B"
+    with pytest.raises(ValueError, match="fusion"):
+        rank("fused", scene.query, scene.lake, {**params, "fusion": "product"})
+
+
+def test_a_subset_of_the_lake_ranks_its_frames_as_the_whole_lake_does(scene):
+    rows = [scene.ids.index(k) for k in ("B", "kitti_40", "zebra", "B_clean")]
+    sub = scene.lake.subset(rows)
+    assert sub.stack.frame_ids == ["B", "kitti_40", "zebra", "B_clean"]
+    assert len(sub.regions.vectors) == sum(len(scene.per_frame[scene.ids[r]][0]) for r in rows)
+    whole = rank("regions", scene.query, scene.lake, scene.params)
+    part = rank("regions", scene.query, sub, scene.params)
+    np.testing.assert_allclose(part.scores, whole.scores[rows], atol=1e-6)
+    np.testing.assert_allclose(part.boxes, whole.boxes[rows], atol=1e-4)
+    dtm_whole = rank("dtm", scene.query, scene.lake, scene.params)
+    np.testing.assert_allclose(rank("dtm", scene.query, sub, scene.params).scores, dtm_whole.scores[rows], atol=1e-5)
+
+
+def test_template_weight_follows_the_evidence_that_stands_out():
+    from objret.mining.fusion import template_weight
+
+    rng = np.random.default_rng(0)
+    flat, peaked = rng.normal(size=500), rng.normal(size=500)
+    peaked[:3] = 8.0   # three frames far above the rest of the lake
+    assert template_weight(context=flat, template=peaked) > 0.99
+    assert template_weight(context=peaked, template=flat) < 0.01
+    # The logistic of (template peak - context peak - offset), peaks the mean of the top 3.
+    peak = lambda x: np.sort(x)[-3:].mean()
+    expected = 1 / (1 + np.exp(-2.0 * (peak(peaked) - peak(flat) - 1.0)))
+    assert template_weight(flat, peaked, top=3, offset=1.0, slope=2.0) == pytest.approx(expected)
+    assert template_weight(flat, flat, offset=0.0) == pytest.approx(0.5)
+
+
+def test_adaptive_fusion_mixes_the_evidence_by_the_query_weight(scene):
+    lake, ids = scene.lake, scene.ids
+    params = {**scene.params, "rerank": len(ids), "fusion": "adaptive"}
+    ranking = rank("fused", scene.query, lake, params, keep_heatmaps=len(ids))
+    evidence = ranking.evidence
+    weight = evidence["B"]["template_weight"]
+    assert 0.0 < weight < 1.0 and {e["template_weight"] for e in evidence.values()} == {weight}
+    # Standardised over the lake without the query's own frame A, context rescaled to unit spread.
+    ref = [f for f in ids if f != "A"]
+    z = {}
+    for kind in ("region", "template", "global"):
+        values = np.array([evidence[f][kind] for f in ids])
+        ref_values = np.array([evidence[f][kind] for f in ref])
+        z[kind] = (values - ref_values.mean()) / (ref_values.std() + 1e-6)
+    w = scene.params["weights"]
+    context = w["region"] * z["region"] + w["global"] * z["global"]
+    context = context / (context[1:].std() + 1e-6)
+    template = w["template"] * z["template"]
+    np.testing.assert_allclose(ranking.scores, (1 - weight) * context + weight * template, atol=1e-4)
+    assert _order_without(ranking)[0] == "B"
+
+    b = ids.index("B")
+    as_instance = rank("fused", scene.query, lake, {**params, "gate": {"offset": -100.0}})   # weight 1
+    assert _order_without(as_instance)[0] == "B"
+    assert iou_xywh(as_instance.boxes[b], scene.paste_box) >= 0.5   # the template's box
+    as_class = rank("fused", scene.query, lake, {**params, "gate": {"offset": 100.0}})       # weight 0
+    np.testing.assert_allclose(as_class.scores, context, atol=1e-4)
+    regions = rank("regions", scene.query, lake, scene.params)
+    np.testing.assert_allclose(as_class.boxes, regions.boxes, atol=1e-4)   # the best regions' boxes
+
+
+# ---- diffusion evidence (region graph, 003 / Iscen et al.) -------------------------------------------------
+
+def test_diffusion_evidence_is_standardised_and_added_to_the_context_side(scene):
+    ids = scene.ids
+    params = {**scene.params, "rerank": len(ids), "fusion": "sum", "diffusion": {"weight": 0.7}}
+    without = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(ids))
+    unchanged = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(ids), diffusion=None)
+    np.testing.assert_array_equal(unchanged.scores, without.scores)          # None: bit-identical
+    np.testing.assert_array_equal(unchanged.boxes, without.boxes)
+    assert unchanged.evidence == without.evidence
+
+    diffusion = np.linspace(0.0, 1.0, len(ids)) ** 2
+    diffusion[ids.index("B_clean")] = 5.0
+    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(ids), diffusion=diffusion)
+    ref = diffusion[1:]                                                       # the query's frame A left out
+    z = (diffusion - ref.mean()) / (ref.std() + 1e-6)
+    np.testing.assert_allclose(ranking.scores, without.scores + 0.7 * z, atol=1e-4)
+    for i, fid in enumerate(ids):
+        assert ranking.evidence[fid]["diffusion"] == pytest.approx(diffusion[i])
+        assert {k: v for k, v in ranking.evidence[fid].items() if k != "diffusion"} == without.evidence[fid]
+    lifted = _order_without(ranking).index("B_clean")
+    assert lifted < _order_without(without).index("B_clean") and lifted <= 1
+    # Max fusion: diffusion sits on the context side, with region and global evidence.
+    maxed = rank("fused", scene.query, scene.lake, {**params, "fusion": "max"}, keep_heatmaps=len(ids),
+                 diffusion=diffusion)
+    w = scene.params["weights"]
+    zs = {}
+    for kind in ("region", "template", "global"):
+        values = np.array([without.evidence[f][kind] for f in ids])
+        zs[kind] = (values - values[1:].mean()) / (values[1:].std() + 1e-6)
+    context = w["region"] * zs["region"] + w["global"] * zs["global"] + 0.7 * z
+    np.testing.assert_allclose(maxed.scores, np.maximum(context, w["template"] * zs["template"]), atol=1e-4)
+
+
+def test_diffusion_over_a_real_region_graph_ranks_with_the_fused_method(scene):
+    from objret.graph.centrality import katz_centrality
+    from objret.graph.diffusion import GraphDiffusion
+    from objret.mining.evidence import query_region_vector
+    from objret.graph.knn import build_region_graph
+
+    regions, ids = scene.lake.regions, scene.ids
+    graph = build_region_graph(regions.vectors, k=10)
+    assert graph.nodes == len(regions.vectors) and katz_centrality(graph.matrix).converged
+
+    def search(q, k):
+        sims = regions.vectors @ q
+        top = np.argsort(-sims, kind="stable")[:k]
+        return top, sims[top]
+
+    diffusion = GraphDiffusion(graph.matrix, regions.owner, list(ids), search, k=10, max_iter=20)
+    query = query_region_vector(scene.query, regions)
+    rows = diffusion.rows_for(list(reversed(ids)) + ["not-in-the-graph"])
+    scores, solve = diffusion.scores(query, rows)
+    assert scores.shape == (len(ids) + 1,) and scores[-1] == 0.0 and solve.iterations <= 20
+    # Per frame: its best region's diffused score; the seeds are the query's nearest regions.
+    per_frame = np.array([solve.values[regions.owner == r].max() for r in range(len(ids))])
+    np.testing.assert_allclose(scores[:-1], per_frame[::-1])
+    nearest_frame = regions.owner[np.argmax(regions.vectors @ query)]
+    assert per_frame[nearest_frame] == per_frame.max() > 0
+
+    frame_scores = diffusion.scores(query, diffusion.rows_for(ids))[0]
+    params = {**scene.params, "rerank": len(ids), "diffusion": {"weight": 0.5}}
+    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=3, diffusion=frame_scores)
+    assert _order_without(ranking)[0] == "B"      # the pasted clock still first (adaptive fusion)
+    assert all("diffusion" in e for e in ranking.evidence.values())
+    with pytest.raises(ValueError, match="fused method only"):
+        rank("regions", scene.query, scene.lake, params, diffusion=frame_scores)
+    with pytest.raises(ValueError, match="one score per frame"):
+        rank("fused", scene.query, scene.lake, params, diffusion=frame_scores[:5])

@@ -1,6 +1,6 @@
 """``objret serve``: the deployments a team runs every day, served by one process against a Prefect server.
 
-- ``mine``: a ``mine-report`` run for each ``objret.mining.report.submitted`` event (DeploymentEventTrigger), at most
+- ``mine``: a ``mine-report`` run for each ``objret.report.submitted`` event (DeploymentEventTrigger), at most
   ``service.mine_concurrency`` at once; more reports wait for a slot.
 - ``refresh-index``: ``build-index`` on the lake sources on ``service.refresh_cron``: only new frames are
   ingested and cached, the index grows, whitening and graph are refitted as their growth policies say.

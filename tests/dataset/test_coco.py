@@ -13,20 +13,14 @@ from objret.dataset.coco import MinedFrame, load_dataset, push
 from objret.errors import ObjretError, StoreError
 from objret.mining.report import parse_report
 
-DEFAULT_BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "bench"
 PROVENANCE = {"backbone": "efficientnet_lite2", "index_version": "idx-0001", "method": "dtm"}
 
 
 @pytest.fixture
-def frame_paths(request) -> list[Path]:
-    """Eight real frames of the bench's tud_campus set (640x480 JPEGs)."""
-    try:
-        root = Path(request.getfixturevalue("bench_dir"))
-    except pytest.FixtureLookupError:
-        root = DEFAULT_BENCH
-    paths = sorted((root / "tud_campus" / "images").glob("*.jpg"))[:8]
-    if len(paths) < 8:
-        pytest.skip(f"bench images not found under {root}")
+def frame_paths(bench_dir) -> list[Path]:
+    """Eight real frames of the test bench's tud_campus set (640x480 JPEGs)."""
+    paths = sorted((bench_dir / "tud_campus" / "images").glob("*.jpg"))[:8]
+    assert len(paths) == 8, f"tud_campus frames missing under {bench_dir}"
     return paths
 
 

@@ -35,8 +35,7 @@ WORKER = Path(__file__).parents[1] / "helpers" / "push_worker.py"
 
 def bench_frames(bench_dir: Path, n: int = 16) -> list[dict]:
     paths = sorted((bench_dir / "tud_campus" / "images").glob("*.jpg"))[:n]
-    if len(paths) < n:
-        pytest.skip("the bench's tud_campus frames are missing")
+    assert len(paths) == n, f"tud_campus frames missing under {bench_dir}"
     frames = []
     for path in paths:
         with Image.open(path) as image:

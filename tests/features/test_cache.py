@@ -19,6 +19,7 @@ from objret.features.backbone import build_backbone, resized_shape
 from objret.errors import ObjretError
 from objret.features.cache import FeatureCache, cache_features, extract_maps
 from objret.ingest.lake import Lake, load_image
+from tests.helpers.sigkill import run_killed, sigkill_at_call
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,14 +31,10 @@ CPU = torch.device("cpu")
 
 # 12 real images of five sizes: 7 tud_campus frames (640x480) and landscape, portrait, near-square and very
 # wide frames from coco_mini, pets09 and kitti.
-BENCH_FILES = [*(f"tud_campus/images/{i:06d}.jpg" for i in range(1, 8)),
+BENCH_FILES = [*(f"tud_campus/images/{i:06d}.jpg" for i in range(14, 21)),
                "coco_mini/images/000000000034.jpg", "coco_mini/images/000000000064.jpg",
-               "coco_mini/images/000000000394.jpg", "pets09_s2l1/images/000001.jpg",
+               "coco_mini/images/000000000394.jpg", "pets09_s2l1/images/000101.jpg",
                "kitti_0005/images/0000000000.jpg"]
-
-
-class Killed(BaseException):
-    """Stands for a kill: not an Exception, so nothing on the way may catch it and carry on."""
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +48,6 @@ def ingested(tmp_path_factory, bench_dir):
     folder = tmp_path_factory.mktemp("lake_src")
     for i, name in enumerate(BENCH_FILES):
         source = bench_dir / name
-        if not source.is_file():
-            pytest.skip(f"{name} missing from the bench")
         shutil.copy(source, folder / f"{i:02d}_{source.parent.parent.name}_{source.name}")
     jpeg = (bench_dir / BENCH_FILES[0]).read_bytes()
     (folder / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 3])  # a cut-off download
@@ -175,24 +170,16 @@ def test_cached_maps_equal_a_fresh_extraction(backbone, frames, reference):
     assert not np.allclose(cached["stride16"][tud[0]], cached["stride16"][tud[1]], atol=1e-2)
 
 
-def test_killed_run_keeps_finished_shards_and_resumes(tmp_path, monkeypatch, backbone, frames, reference):
+def test_killed_run_keeps_finished_shards_and_resumes(tmp_path, backbone, frames, reference):
     ref_cache, _ = reference
     key = backbone.spec.cache_key()
-    write_shard = FeatureCache.write_shard
-    calls = []
 
-    def dying_write_shard(self, maps, meta):
-        calls.append(sorted(maps))
-        if len(calls) == 3:
-            raise Killed()
-        return write_shard(self, maps, meta)
+    def run():   # in a forked child, SIGKILLed (no cleanup of any kind) as it starts writing its third shard
+        sigkill_at_call(FeatureCache, "write_shard", 3)
+        cache_features(backbone, FeatureCache(tmp_path, key), frames, load_image, shard_size=SHARD_SIZE,
+                       device=CPU, progress=False)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(FeatureCache, "write_shard", dying_write_shard)
-        with pytest.raises(Killed):
-            cache_features(backbone, FeatureCache(tmp_path, key), frames, load_image, shard_size=SHARD_SIZE,
-                           device=CPU, progress=False)
-    assert len(calls) == 3
+    run_killed(run)
 
     after_kill = FeatureCache(tmp_path, key)
     assert len(after_kill.shards()) == 2
@@ -213,26 +200,30 @@ def test_killed_run_keeps_finished_shards_and_resumes(tmp_path, monkeypatch, bac
             np.testing.assert_array_equal(got[layer][fid], want[layer][fid])
 
 
-def test_kill_between_temp_write_and_rename_leaves_no_visible_shard(tmp_path, monkeypatch, backbone, frames):
+def test_kill_between_temp_write_and_rename_leaves_no_visible_shard(tmp_path, backbone, frames):
     key = backbone.spec.cache_key()
     four = frames[:4]
 
-    def dying_replace(src, dst):
-        raise Killed()
+    def run():   # in a forked child, SIGKILLed at the rename of its shard: the temp file written in full
+        sigkill_at_call(features_module.storage.os, "replace", 1)
+        cache_features(backbone, FeatureCache(tmp_path, key), four, load_image, shard_size=SHARD_SIZE, device=CPU,
+                       progress=False)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(features_module.storage.os, "replace", dying_replace)
-        with pytest.raises(Killed):
-            cache_features(backbone, FeatureCache(tmp_path, key), four, load_image, shard_size=SHARD_SIZE,
-                           device=CPU, progress=False)
+    pid = run_killed(run)
     cache = FeatureCache(tmp_path, key)
-    leftovers = list(cache.dir.iterdir())   # none: the writer removes its temp file on the way out
-    assert all(p.name.startswith(".") and p.name.endswith(".tmp") for p in leftovers)
+    # What a kill -9 leaves (no handler removes it): the whole shard in a hidden temp file named for the dead writer,
+    # which no reader takes for a shard.
+    (leftover,) = cache.dir.iterdir()
+    assert leftover.name.startswith(".shard-") and leftover.name.endswith(".tmp") and f"-{pid}-" in leftover.name
+    leftover_size = leftover.stat().st_size
     assert cache.shards() == [] and cache.cached_ids() == set()
 
+    # The next run removes the dead writer's temp file and writes the shard.
     resumed = cache_features(backbone, cache, four, load_image, shard_size=SHARD_SIZE, device=CPU, progress=False)
     assert resumed.computed == 4 and resumed.already_cached == 0
-    assert FeatureCache(tmp_path, key).cached_ids() == {f.frame_id for f in four}
+    final = FeatureCache(tmp_path, key)
+    assert final.cached_ids() == {f.frame_id for f in four}
+    assert list(final.dir.iterdir()) == final.shards() and final.shards()[0].stat().st_size == leftover_size
 
 
 def test_other_max_side_uses_another_cache(tmp_path, backbone, frames, reference):

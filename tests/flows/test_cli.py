@@ -10,6 +10,7 @@ import pytest
 
 from flows.cli import main
 from tasks.demo_data import SAMPLE_REPORT
+from tests.helpers.chance import chance_map
 
 SMALL = ["--set", "features.backbone=efficientnet_lite0", "--set", "mining.scales=[0.75,1.0,1.5]"]
 
@@ -29,8 +30,8 @@ def test_report_validate_accepts_the_sample_and_names_each_problem(tmp_path, cap
 
 
 def _subset_bench(bench_dir: Path, root: Path) -> Path:
-    """A bench-format folder: tud_campus (all frames, its instance queries) + 40 coco_mini images
-    (class queries whose image is among them), queries re-targeted to these sets."""
+    """A bench-format folder: the test bench's tud_campus (its 27 frames, its 2 instance queries) + 40 of its
+    coco_mini images (6 class queries whose image is among them), queries re-targeted to these sets."""
     queries = json.loads((bench_dir / "queries.json").read_text())["queries"]
     coco = json.loads((bench_dir / "coco_mini" / "annotations.json").read_text())
     coco_ids = {img["id"] for img in coco["images"][:40]}
@@ -83,9 +84,11 @@ def test_eval_ranks_every_gallery_image_with_a_box_and_scores_both_methods(bench
     assert metrics["method"] == "dtm"
     table = capsys.readouterr().out
     assert "class/all" in table and "instance/video tud_campus" in table and "dtm" in table and "gem" in table
-    # The TUD pedestrians are found far above chance by template matching (chance AP here is about 0.5).
+    # The TUD pedestrians are found far above chance by template matching: the expected mAP of random rankings of
+    # these galleries is 0.63 (persons 2 and 7, each gallery with frames without them); measured 0.87 (gem 0.59).
     video = [g for g in metrics["groups"] if g["name"] == "instance/video-sets"][0]
-    assert video["mAP"] > 0.6
+    chance = chance_map(bench, [q for q in bench.queries if q.kind == "instance"])
+    assert video["mAP"] >= chance + 0.15, (video["mAP"], chance)
 
     # The plots: PNGs beside the results and in the MLflow run, drawn from these very numbers.
     from PIL import Image

@@ -18,6 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from objret.eval.bench import load_bench
+from tests.helpers.bench_subset import write_subset
+from tests.helpers.chance import chance_map
+
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["ingest", "features", "regions", "whitening", "index", "graph", "eval"]
 CACHED_OUTS = [".objret/lake", ".objret/features", ".objret/regions", ".objret/whitening", ".objret/index",
@@ -39,18 +43,21 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def project(tmp_path, tud_campus_bench, prefect_server):
-    """A git + DVC copy of the checkout whose params.yaml builds a lake of 20 TUD-Campus frames with
-    EfficientNet-Lite0 at 320 px and evaluates on a bench of the same frames (3 instance queries)."""
+def project(tmp_path, bench_dir, prefect_server):
+    """A git + DVC copy of the checkout whose params.yaml builds a lake of 20 PETS 2009 frames with
+    EfficientNet-Lite0 at 320 px and evaluates on a bench of the same frames: the instance query of frame 753,
+    whose person is in 3 of the 19 other frames (301-305, not 101-131). Not TUD-Campus: its queries' galleries
+    of this size hold positives only, where every ranking has AP 1, and with negatives the methods stay near
+    chance."""
     from prefect.settings import PREFECT_API_URL
 
-    bench = tud_campus_bench(tmp_path / "bench", set(range(16, 36)))
+    bench = write_subset(bench_dir, tmp_path / "bench", "pets09_s2l1", {753, 301, 303, 305, *range(101, 132, 2)})
     root = tmp_path / "project"
     for name in project_files():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["lake"]["sources"] = [str(bench / "tud_campus" / "images")]
+    params["lake"]["sources"] = [str(bench / "pets09_s2l1" / "images")]
     params["features"].update(backbone="efficientnet_lite0", max_side=320)
     params["regions"]["sources"] = ["whole", "uniform", "egm"]
     params["graph"].update(k=20, sample_frames=0)
@@ -102,22 +109,29 @@ def test_dvc_repro_metrics_plots_partial_rerun_and_s3_push_pull(project, s3_stor
     assert sorted(ran_stages(first)) == sorted(STAGES), first
     assert changed_stages(run("dvc", "status", "--json")) == set()   # no stage touched another's outputs
 
-    # Metrics: every method's aggregates over the bench's 3 instance queries (tud_campus, a video set).
+    # Metrics: every method's aggregates over the bench's instance query (pets09_s2l1, a video set), far above
+    # chance, the expected mAP of random rankings of the same gallery (0.28: 3 positives in 19 frames); measured:
+    # 1.0 for both. A random, constant (gallery order puts the positives last) or reversed ranking fails.
+    bench = load_bench(yaml.safe_load((root / "params.yaml").read_text())["eval"]["bench"])
+    (query,) = bench.queries
+    chance = chance_map(bench, [query])
+    assert chance < 0.4
     shown = json.loads(run("dvc", "metrics", "show", "--json"))   # {"<workspace>": {"data": {file: ...}}}
     metrics = next(iter(shown.values()))["data"]["eval/metrics.json"]["data"]
     assert set(metrics) == {"fused", "gem"}
-    for method in metrics.values():
+    for name, method in metrics.items():
         video = method["video_instance"]
-        assert video["n"] == 3 and 0 < video["mAP"] <= 1 and 0 < video["R@10"] <= 1
-    # Plot: mean Recall@K of each method for K = 1 .. the longest ranking, rising to R@10 of the metrics (the
-    # galleries hold under 10 frames; a query without positives counts 0 in both).
+        assert video["n"] == 1 and chance + 0.5 <= video["mAP"] <= 1 and 0 < video["R@10"] <= 1, (name, video, chance)
+    # Plot: mean Recall@K of each method for K = 1 .. the gallery's size (19), through R@10 of the metrics to 1 (every
+    # gallery frame is ranked).
     with open(root / "eval" / "recall_at_k.csv") as f:
         rows = list(csv.DictReader(f))
     for name in ("fused", "gem"):
         curve = [float(r["recall"]) for r in rows if r["method"] == name]
         assert [int(r["k"]) for r in rows if r["method"] == name] == list(range(1, len(curve) + 1))
-        assert 5 <= len(curve) < 10 and curve == sorted(curve) and curve[0] > 0
-        assert curve[-1] == pytest.approx(metrics[name]["instance"]["R@10"], abs=1e-6)
+        assert len(curve) == len(bench.gallery_keys(query)) == 19 and curve == sorted(curve) and curve[0] > 0
+        assert curve[9] == pytest.approx(metrics[name]["instance"]["R@10"], abs=1e-6)
+        assert curve[-1] == pytest.approx(1.0)
     plot = json.loads(run("dvc", "plots", "show", "--json"))["data"]["eval/recall_at_k.csv"][0]
     points = plot["content"]["data"]["values"]
     assert {p["method"] for p in points} == {"fused", "gem"} and len(points) == len(rows)

@@ -373,9 +373,10 @@ def test_mine_flow_rejects_a_malformed_mining_field(built, bench_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_bench(tud_campus_bench, tmp_path_factory) -> Path:
-    """A bench-format folder: 20 TUD-Campus frames (ids 16..35) and the 3 instance queries among them."""
-    root = tud_campus_bench(tmp_path_factory.mktemp("tiny-bench"), set(range(16, 36)))
-    assert len(json.loads((root / "queries.json").read_text())["queries"]) == 3
+    """A bench-format folder: 24 TUD-Campus frames (ids 16..35, 52, 57, 64, 69) and the 2 instance queries among
+    them (persons 2 and 7 at frames 28 and 57; each gallery holds frames without the person)."""
+    root = tud_campus_bench(tmp_path_factory.mktemp("tiny-bench"), set(range(16, 36)) | {52, 57, 64, 69})
+    assert len(json.loads((root / "queries.json").read_text())["queries"]) == 2
     return root
 
 
@@ -391,13 +392,13 @@ def test_eval_with_diffusion_builds_the_graph_and_fuses_it(prefect_server, tiny_
                        overrides=SMALL + ["mining.diffusion.enabled=true"], workdir=str(workdir))
     ws = Workspace(load_params(None, SMALL), workdir)
     stored = load_graph(ws.graph_dir())
-    assert stored is not None and stored.nodes > 20 * 10          # every region of the 20 frames
+    assert stored is not None and stored.nodes > 24 * 10          # every region of the 24 frames
     off = evaluate_flow(bench_dir=str(tiny_bench), results=str(tmp_path / "off.json"), methods=["fused"],
                         overrides=SMALL, workdir=str(workdir))
     results_on = json.loads((tmp_path / "on.json").read_text())
     results_off = json.loads((tmp_path / "off.json").read_text())
     bench = load_bench(tiny_bench)
-    assert set(results_on) == set(results_off) == {q.id for q in bench.queries} and len(results_on) == 3
+    assert set(results_on) == set(results_off) == {q.id for q in bench.queries} and len(results_on) == 2
     for q in bench.queries:   # every gallery image ranked, with and without diffusion
         assert len(results_on[q.id]) == len(results_off[q.id]) == len(bench.gallery_keys(q)) > 0
     scores = lambda r: {(e["set"], e["image_id"]): e["score"] for q in r.values() for e in q}

@@ -18,13 +18,10 @@ from objret.ingest import lake as lake_module
 from objret import storage
 from objret.errors import BadFrameError, ObjretError, StoreError
 from objret.ingest.lake import Lake, load_image
+from tests.helpers.sigkill import run_killed, sigkill_at_call
 
 VIDEO_FRAMES = 20
 VIDEO_FPS = 10.0
-
-
-class Killed(BaseException):
-    """Stands for a kill: not an Exception, so nothing on the way may catch it and carry on."""
 
 
 def sha256_of(path: Path) -> str:
@@ -34,8 +31,7 @@ def sha256_of(path: Path) -> str:
 @pytest.fixture(scope="module")
 def bench_images(bench_dir) -> list[Path]:
     images = sorted((bench_dir / "tud_campus" / "images").glob("*.jpg"))
-    if len(images) < VIDEO_FRAMES:
-        pytest.skip("tud_campus images missing from the bench")
+    assert len(images) >= VIDEO_FRAMES, f"tud_campus frames missing under {bench_dir}"
     return images
 
 
@@ -290,29 +286,21 @@ def test_find_by_exact_uri_video_index_and_relative_name(tmp_path, image_folder,
 # ---- a killed ingestion resumes -----------------------------------------------------------------------
 
 
-def _kill_after(monkeypatch, owner, name: str, calls: int) -> None:
-    real = getattr(owner, name)
-    count = {"n": 0}
+# The ingests are SIGKILLed in a forked child (tests/helpers/sigkill.py): no `with conn` rolls back, no connection is
+# closed, nothing is cleaned up; what the next run finds is what SQLite's WAL kept.
 
-    def dying(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise Killed()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, dying)
-
-
-def test_killed_folder_ingest_resumes_to_a_clean_runs_manifest(tmp_path, image_folder, monkeypatch):
+def test_killed_folder_ingest_resumes_to_a_clean_runs_manifest(tmp_path, image_folder):
     clean = Lake(tmp_path / "clean")
     clean.ingest(str(image_folder), progress=False)
 
     lake = Lake(tmp_path / "lake")
-    with monkeypatch.context() as patch:
-        patch.setattr(lake_module, "BATCH_SIZE", 2)
-        _kill_after(patch, lake_module, "_image_frame", calls=5)
-        with pytest.raises(Killed):
-            lake.ingest(str(image_folder), progress=False)
+
+    def run():   # killed as it reads the 6th image: two batches of 2 committed, the third half-built
+        lake_module.BATCH_SIZE = 2
+        sigkill_at_call(lake_module, "_image_frame", 6)
+        lake.ingest(str(image_folder), progress=False)
+
+    run_killed(run)
     assert len(lake) == 4  # two committed batches survive; the half-built third is gone
 
     result = lake.ingest(str(image_folder), progress=False)
@@ -321,13 +309,15 @@ def test_killed_folder_ingest_resumes_to_a_clean_runs_manifest(tmp_path, image_f
     assert lake.version() == clean.version()
 
 
-def test_killed_video_ingest_resumes_to_a_clean_runs_manifest(tmp_path, video, video_ids, monkeypatch):
+def test_killed_video_ingest_resumes_to_a_clean_runs_manifest(tmp_path, video, video_ids):
     lake = Lake(tmp_path / "lake")
-    with monkeypatch.context() as patch:
-        patch.setattr(lake_module, "BATCH_SIZE", 3)
-        _kill_after(patch, Lake, "_store_video_frame", calls=7)
-        with pytest.raises(Killed):
-            lake.ingest(str(video), progress=False)
+
+    def run():   # killed as it stores the 8th frame: two batches of 3 committed
+        lake_module.BATCH_SIZE = 3
+        sigkill_at_call(Lake, "_store_video_frame", 8)
+        lake.ingest(str(video), progress=False)
+
+    run_killed(run)
     assert len(lake) == 6
     with sqlite3.connect(tmp_path / "lake" / "manifest.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM sources").fetchone()[0] == 0  # not complete

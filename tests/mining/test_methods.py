@@ -105,12 +105,12 @@ def test_min_iou_threshold_is_inclusive():
 
 @pytest.fixture(scope="module")
 def lake_maps(bench_dir):
-    """Five real frames: tud_campus 1 (the query frame) and 3, kitti, pets09 and a coco zebra photo."""
+    """Five real frames: tud_campus 14 (the query frame) and 16, kitti, pets09 and a coco zebra photo."""
     files = {
-        "tud1": "tud_campus/images/000001.jpg",
-        "tud3": "tud_campus/images/000003.jpg",
+        "tud14": "tud_campus/images/000014.jpg",
+        "tud16": "tud_campus/images/000016.jpg",
         "kitti": "kitti_0005/images/0000000020.jpg",
-        "pets": "pets09_s2l1/images/000201.jpg",
+        "pets": "pets09_s2l1/images/000301.jpg",
         "zebra": "coco_mini/images/000000000034.jpg",
     }
     images = {fid: load_image(str(bench_dir / path)) for fid, path in files.items()}
@@ -121,11 +121,11 @@ def lake_maps(bench_dir):
     stack = MapStack(ids, [maps[i]["stride16"] for i in ids], sizes)
     vectors = np.stack([gem(maps[i]["stride32"]) for i in ids])
     annotations = json.loads((bench_dir / "tud_campus" / "annotations.json").read_text())
-    # tud_campus frame 1, track 1: a pedestrian of 121 x 229 px, fully inside the frame.
-    person = next(a for a in annotations["annotations"] if a["image_id"] == 1 and a["track_id"] == 1)
-    query = QueryObject(maps["tud1"], (640, 480), tuple(person["bbox"]))
+    # tud_campus frame 14, track 1: a pedestrian of 108 x 241 px, fully inside the frame.
+    person = next(a for a in annotations["annotations"] if a["image_id"] == 14 and a["track_id"] == 1)
+    query = QueryObject(maps["tud14"], (640, 480), tuple(person["bbox"]))
     same_person_later = next(a["bbox"] for a in annotations["annotations"]
-                             if a["image_id"] == 3 and a["track_id"] == 1)
+                             if a["image_id"] == 16 and a["track_id"] == 1)
     return query, LakeMaps(stack, vectors), sizes, same_person_later
 
 
@@ -149,7 +149,7 @@ def test_rank_gem_returns_whole_frame_boxes_and_cosine_scores(lake_maps):
     assert ranking.scores[0] == pytest.approx(1.0, abs=1e-4)  # the query frame itself
     assert np.all(ranking.scores <= 1.0 + 1e-4)
     order = [ranking.frame_ids[i] for i in ranking.order()]
-    assert order[:2] == ["tud1", "tud3"]  # the same scene two frames later comes next
+    assert order[:2] == ["tud14", "tud16"]  # the same scene two frames later comes next
     assert ranking.heatmaps == {} and ranking.evidence == {}
 
 
@@ -157,7 +157,7 @@ def test_rank_dtm_finds_the_pedestrian_scene_and_keeps_heatmaps(lake_maps):
     query, lake, _, later = lake_maps
     ranking = rank("dtm", query, lake, PARAMS, keep_heatmaps=2)
     order = [ranking.frame_ids[i] for i in ranking.order()]
-    assert order[:2] == ["tud1", "tud3"]
+    assert order[:2] == ["tud14", "tud16"]
     assert ranking.scores[1] > ranking.scores[2:].max() + 0.2
     # On the query frame the box lands on the pedestrian, and two frames later on the same pedestrian.
     assert iou_xywh(ranking.boxes[0], query.box) >= 0.5, ranking.boxes[0]

@@ -115,7 +115,9 @@ def _set(data: dict, field: str, value) -> dict:
         if isinstance(node, list):
             node = node[int(part)]
         else:
-            if not isinstance(node.get(part), dict):
+            # A list is descended into ("box[2]" sets the box's third number), not replaced by a dict: that made
+            # every box-element mutation a mere "box is not a list" and left the element checks untested.
+            if not isinstance(node.get(part), (dict, list)):
                 node[part] = {}
             node = node[part]
     last = parts[-1]
@@ -295,6 +297,7 @@ def test_generated_reports_are_rejected_by_field_or_accepted_and_valid(tmp_path,
     roots = [str(source), str(work)]
     ledger = ReportLedger(tmp_path / "ledger")
     outcomes: Counter = Counter()
+    named: Counter = Counter()   # field -> rejections whose problems name it
 
     def check(case):
         category, payload, expected = case
@@ -306,6 +309,7 @@ def test_generated_reports_are_rejected_by_field_or_accepted_and_valid(tmp_path,
             assert exc.problems and all(isinstance(p, str) and ": " in p for p in exc.problems)
             assert expected, f"a valid report was rejected: {exc.problems}"
             assert any(names_a_field(p, expected) for p in exc.problems), (expected, exc.problems)
+            named.update({p.split(": ", 1)[0] for p in exc.problems})
             str(exc).encode("utf-8")   # printable as it is: no lone surrogate reaches a log or terminal
             if not isinstance(payload, bytes) and HUGE not in json.dumps(payload):   # same verdict from data
                 with pytest.raises(ReportError):
@@ -319,6 +323,15 @@ def test_generated_reports_are_rejected_by_field_or_accepted_and_valid(tmp_path,
     for category in CATEGORIES:   # the same number of reports of each kind
         settings(max_examples=EXAMPLES // len(CATEGORIES), derandomize=True, database=None, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])(given(mutated_reports(category))(check))()
+    # And each field of a report that has them all, down to each number of the box, set to null (no field is
+    # nullable): whatever the draws above hit, every field's own check is exercised.
+    full = {"report_id": "r1", "detector": {"name": "d", "version": "1"},
+            "frame": {"frame_id": "a" * 64, "uri": "cam/clip.mp4", "frame_index": 3}, "box": [1, 2, 3, 4],
+            "class_name": "person", "failure_kind": "false_negative", "notes": "n",
+            "created_at": "2024-05-01T12:00:00Z", "mining": {"diffusion": True}}
+    check(("valid", full, []))
+    for field in FIELDS:
+        check(("wrong_type", _set(full, field, None), [field]))
 
     total = sum(outcomes.values())
     with capsys.disabled():
@@ -330,7 +343,34 @@ def test_generated_reports_are_rejected_by_field_or_accepted_and_valid(tmp_path,
               f"{sum(v for (_, o), v in outcomes.items() if o == 'rejected'):>8}")
     assert total >= 1000
     assert all(outcomes[c, "accepted"] + outcomes[c, "rejected"] >= 50 for c in CATEGORIES)
-    assert outcomes["valid", "rejected"] == 0 and outcomes["path_traversal", "rejected"] > 0
+    # Every category did what it is for: valid reports all pass; each kind of damage is refused; the kinds that
+    # can only break a report (a required field gone, NaN / Infinity anywhere, a field the schema lacks) never
+    # pass; those that also draw harmless values (a huge but finite box, a box outside any frame, a Unicode
+    # name, a BOM, a file name with dots) pass some of those too, so the checks are not simply refusing all.
+    assert outcomes["valid", "accepted"] == EXAMPLES // len(CATEGORIES) + 1
+    assert all(outcomes[c, "rejected"] > 0 for c in CATEGORIES if c != "valid"), outcomes
+    assert all(outcomes[c, "accepted"] == 0 for c in ("missing_field", "non_finite", "unknown_field")), outcomes
+    assert all(outcomes[c, "accepted"] > 0 for c in ("huge_number", "bad_box", "strings", "path_traversal",
+                                                     "bad_json")), outcomes
+    # Every field of the schema, down to each number of the box, was named by some rejection: the mutations reach
+    # them all (FIELDS is the schema's field list).
+    assert schema_fields() == set(FIELDS)
+    assert {f for f in FIELDS if not named[f]} == set(), named
+
+
+def schema_fields() -> set[str]:
+    """Every field path of the failure report schema: "detector.name", "box[2]", ..."""
+    from objret.mining.report import SCHEMA_PATH
+
+    def walk(node: dict, prefix: str) -> set[str]:
+        out = set()
+        for key, sub in node.get("properties", {}).items():
+            path = f"{prefix}.{key}" if prefix else key
+            out |= {path} | walk(sub, path)
+        out |= {f"{prefix}[{i}]" for i in range(len(node.get("prefixItems", [])))}
+        return out
+
+    return walk(json.loads(SCHEMA_PATH.read_text()), "")
 
 
 # ---- hostile frame URIs resolve under the roots or nowhere ------------------------------------------------------

@@ -57,8 +57,8 @@ def proposals(proposer, large_objects):
 
 
 def test_proposals_cover_large_objects(large_objects, proposals):
-    # Measured: 14/14 objects of these 10 images (smallest best IoU 0.51, a dog); over all 320 coco_mini
-    # images with such objects 554/565 = 98%, worst run of 10 consecutive images 0.89. 0.8 leaves room
+    # Measured: 14/14 objects of these 10 images of the test bench (smallest best IoU 0.68); over all 320
+    # coco_mini images of the full bench with such objects 554/565 = 98%, worst run of 10 consecutive images 0.89. 0.8 leaves room
     # for numeric drift across OpenCV builds while still failing on a wrong input convention (swapped
     # channels or 0..1 pixels lose most boxes).
     best = [max((_iou(gt, (d.x, d.y, d.w, d.h)) for d in dets), default=0.0)
@@ -83,12 +83,13 @@ def test_boxes_inside_image_sorted_and_capped(proposer, large_objects, proposals
 
 
 def test_higher_threshold_gives_fewer_boxes(large_objects, proposals):
-    image, _ = large_objects[0]
+    # the image with the most proposals at the default threshold (the zebra, first by id, has a single one)
+    (image, _), loose = max(zip(large_objects, proposals), key=lambda pair: len(pair[1]))
     strict = BoxProposer(score_threshold=0.3).propose(image)
-    assert 0 < len(strict) < len(proposals[0])
+    assert 0 < len(strict) < len(loose)
     # Greedy NMS only lets higher-scored boxes suppress a box, so the strict set is the top of the loose one.
-    assert strict == [d for d in proposals[0] if d.score >= 0.3]
-    assert BoxProposer(max_boxes=3).propose(image) == proposals[0][:3]
+    assert strict == [d for d in loose if d.score >= 0.3]
+    assert BoxProposer(max_boxes=3).propose(image) == loose[:3]
 
 
 def test_batch_equals_single(proposer, large_objects, proposals):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -130,10 +129,39 @@ def test_egm_regions_on_real_maps(frames):
         assert [r.score for r in regions] == sorted((r.score for r in regions), reverse=True)
 
 
+def _inside(a, b):
+    """The fraction of box a that lies inside box b."""
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    return max(0.0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0.0, min(ay + ah, by + bh) - max(ay, by)) / (aw * ah)
+
+
 def test_egm_finds_the_large_object(frames):
+    # The objects cover 40-85% of their frame, so a whole-frame box already has IoU 0.4-0.85 with them: IoU alone
+    # proves nothing. A region must overlap the object (IoU >= 0.3) and lie on it: more of its area inside the
+    # object's box than the whole frame has (the object's share of the frame) by 0.1. Measured: 0.92, 0.89, 0.94,
+    # 0.76 inside against 0.62, 0.68, 0.56, 0.46 for the whole frame.
     for fmap, boxes in frames["coco_mini"]:
-        regions = egm_regions(feature_saliency(fmap))
-        assert max(_iou((r.x, r.y, r.w, r.h), boxes[0]) for r in regions) >= 0.3
+        h, w = fmap.shape[-2:]
+        whole = _inside((0, 0, w, h), boxes[0])
+        regions = [(r.x, r.y, r.w, r.h) for r in egm_regions(feature_saliency(fmap))]
+        on_object = [_inside(r, boxes[0]) for r in regions if _iou(r, boxes[0]) >= 0.3]
+        assert on_object and max(on_object) >= whole + 0.1, (whole, on_object)
+
+
+@pytest.mark.xfail(strict=True, reason="EGM (default parameters) places its regions no better than chance on these "
+                   "large objects: the best region's IoU is 0.68, 0.53, 0.55, 0.51 against 0.78, 0.64, 0.79, 0.65 "
+                   "for the 95th percentile of the same boxes at random positions (and 0.62, 0.68, 0.56, 0.46 for "
+                   "the whole frame): the saliency maps are flat (saliency.py)")
+def test_egm_localises_the_large_object_better_than_chance(frames):
+    rng = np.random.default_rng(0)
+    for fmap, boxes in frames["coco_mini"]:
+        h, w = fmap.shape[-2:]
+        regions = [(r.x, r.y, r.w, r.h) for r in egm_regions(feature_saliency(fmap))]
+        best = max(_iou(r, boxes[0]) for r in regions)
+        chance = [max(_iou((rng.uniform(0, w - rw), rng.uniform(0, h - rh), rw, rh), boxes[0])
+                      for *_, rw, rh in regions) for _ in range(200)]
+        assert best > max(_iou((0, 0, w, h), boxes[0]), np.quantile(chance, 0.95)), (best, np.quantile(chance, 0.95))
 
 
 def test_egm_parameter_directions(frames):
@@ -146,18 +174,6 @@ def test_egm_parameter_directions(frames):
         covered = [_cell_mask(saliency.shape, [(r.x, r.y, r.w, r.h) for r in egm_regions(saliency, tau=t, rho=1)])
                    .sum() for t in (0.4, 0.8)]
         assert covered[1] < covered[0], covered
-
-
-def test_egm_is_fast_on_a_40_by_30_map(frames):
-    fmap = next(f for f, _ in _all(frames) if f.shape[-2:] == (30, 40))
-    saliency = feature_saliency(fmap)
-    for kwargs in ({}, {"tau": 0.0, "rho": 1.0}):  # tau = 0, rho = 1: every position is sampled
-        seconds = []
-        for _ in range(5):
-            start = time.perf_counter()
-            egm_regions(saliency, **kwargs)
-            seconds.append(time.perf_counter() - start)
-        assert np.median(seconds) < 0.05, kwargs
 
 
 def test_egm_two_gaussian_blobs():

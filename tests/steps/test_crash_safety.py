@@ -36,9 +36,9 @@ from tests.helpers.figures import record_figures
 pytestmark = pytest.mark.slow
 
 # 10 TUD-Campus frames (640x480) and 4 of other sizes: feature batches of mixed shapes.
-BENCH_FILES = [*(f"tud_campus/images/{i:06d}.jpg" for i in range(1, 11)),
+BENCH_FILES = [*(f"tud_campus/images/{i:06d}.jpg" for i in range(14, 24)),
                "coco_mini/images/000000000034.jpg", "coco_mini/images/000000000064.jpg",
-               "pets09_s2l1/images/000001.jpg", "kitti_0005/images/0000000000.jpg"]
+               "pets09_s2l1/images/000101.jpg", "kitti_0005/images/0000000000.jpg"]
 OVERRIDES = [
     "features.backbone=efficientnet_lite0", "features.max_side=320", "features.layers=[stride16, stride32]",
     "features.shard_size=2", "features.batch_size=2",
@@ -121,8 +121,6 @@ def crash_runs(tmp_path_factory, bench_dir):
     source = base / "lake_src"
     source.mkdir()
     for i, name in enumerate(BENCH_FILES):
-        if not (bench_dir / name).is_file():
-            pytest.skip(f"{name} missing from the bench")
         shutil.copy(bench_dir / name, source / f"{i:02d}_{Path(name).name}")
     rounds = [{"dir": str(base / f"round{i}"), "targets": TARGETED} for i in range(3)]
     rounds.append({"dir": str(base / "round_random"), "random": 8})

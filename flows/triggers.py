@@ -1,7 +1,7 @@
 """Report-triggered mining: a submitted failure report becomes a Prefect event, the ``mine`` deployment's
 trigger turns each event into a ``mine-report`` flow run.
 
-- ``submit``: validate, record in the report ledger (each id once), emit ``objret.mining.report.submitted``.
+- ``submit``: validate, record in the report ledger (each id once), emit ``objret.report.submitted``.
 - ``mine_report_flow``: what the deployment runs: claim the report in the ledger, mine it, record the outcome.
 - ``watch_reports_flow``: scan folders or S3 prefixes for report files and submit the new ones.
 """
@@ -21,7 +21,7 @@ from objret.mining.report import load_report, parse_report
 from objret.steps.workspace import Workspace
 from tasks.report_ledger import ReportLedger, Submission
 
-REPORT_SUBMITTED = "objret.mining.report.submitted"
+REPORT_SUBMITTED = "objret.report.submitted"
 RESOURCE_PREFIX = "objret.mining.report."
 
 
@@ -30,7 +30,7 @@ def ledger(ws: Workspace) -> ReportLedger:
 
 
 def emit_report_event(report: dict, source: str) -> None:
-    """Send one ``objret.mining.report.submitted`` event to the Prefect server and wait for it to be acknowledged."""
+    """Send one ``objret.report.submitted`` event to the Prefect server and wait for it to be acknowledged."""
     from prefect.events import Event
     from prefect.events.clients import PrefectEventsClient
     from prefect.settings import PREFECT_API_URL

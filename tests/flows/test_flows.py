@@ -167,16 +167,16 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
     hits_before = [[(h.frame_id, h.score, h.region_id) for h in before.best_frames(q, 24)] for q in probes]
 
     # A process mining many reports loads the index and the maps once ...
-    from objret.mining.search import LakeSearch
+    from objret.steps.mine import open_search
 
-    search = LakeSearch.open(ws)
-    assert LakeSearch.open(ws) is search and len(search.frame_ids) == 24
+    search = open_search(ws)
+    assert open_search(ws) is search and len(search.frame_ids) == 24
     assert len(search.maps.stack) == 24 and search.maps.stack.maps.shape[1] > 0
 
     result = build_index_flow(sources=[str(pets_video), str(pets_video_2)], overrides=SMALL, workdir=str(workdir))
     assert [r["added"] for r in result["ingest"]] == [0, 4]
     # ... and again once the index has a new version.
-    grown = LakeSearch.open(ws)
+    grown = open_search(ws)
     assert grown is not search and len(grown.frame_ids) == 28 and len(grown.maps.stack) == 28
     assert result["features"]["computed"] == 4 and result["features"]["already_cached"] == 24
     assert result["regions"]["extracted"] == 4 and result["regions"]["already_stored"] == 24
@@ -301,7 +301,8 @@ def test_build_index_flow_builds_the_region_graph_and_logs_it(built):
 
     # Diffusion refuses a graph folder with no graph in it, saying what to run.
     with pytest.raises(ObjretError, match="run build-index"):
-        open_diffusion(workdir / "no-graph", ws.current_index_dir(), index, {})
+        d = ws.params.mining.diffusion
+        open_diffusion(workdir / "no-graph", ws.current_index_dir(), index, k=d.k, alpha=d.alpha, max_iter=d.max_iter)
 
 
 def _report(tmp_path, bench_dir, report_id: str, **extra) -> Path:

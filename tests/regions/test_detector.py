@@ -26,7 +26,7 @@ def _iou(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def proposer():
-    return BoxProposer()
+    return BoxProposer(score_threshold=0.05, max_boxes=50)
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,11 @@ def test_boxes_inside_image_sorted_and_capped(proposer, large_objects, proposals
 
 def test_higher_threshold_gives_fewer_boxes(large_objects, proposals):
     image, _ = large_objects[0]
-    strict = BoxProposer(score_threshold=0.3).propose(image)
+    strict = BoxProposer(score_threshold=0.3, max_boxes=50).propose(image)
     assert 0 < len(strict) < len(proposals[0])
     # Greedy NMS only lets higher-scored boxes suppress a box, so the strict set is the top of the loose one.
     assert strict == [d for d in proposals[0] if d.score >= 0.3]
-    assert BoxProposer(max_boxes=3).propose(image) == proposals[0][:3]
+    assert BoxProposer(score_threshold=0.05, max_boxes=3).propose(image) == proposals[0][:3]
 
 
 def test_batch_equals_single(proposer, large_objects, proposals):
@@ -117,4 +117,4 @@ def test_degenerate_images(proposer):
 def test_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("objret.regions.detector._PACKAGE", "objret_no_such_detector_package")
     with pytest.raises(ObjretError, match="not installed"):
-        BoxProposer()
+        BoxProposer(score_threshold=0.05, max_boxes=50)

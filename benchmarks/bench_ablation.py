@@ -15,11 +15,12 @@ import json
 import time
 from pathlib import Path
 
-from objret.steps import features as features_step, ingest as ingest_step, regions as regions_step, whitening as whitening_step
+from objret.steps import features as features_step, index as index_step, ingest as ingest_step, regions as regions_step, whitening as whitening_step
 from objret.eval.bench import load_bench
 from objret.config import load_params
-from objret.eval.run import evaluate_methods
+from objret.eval.run import bench_frame_ids, evaluate_methods
 from objret.eval.metrics import flat_metrics
+from objret.steps.mine import load_search, query_ranker
 from objret.steps.workspace import Workspace
 
 COLUMNS = [("class_mAP", "class mAP"), ("class_area_lt1_mAP", "class <1%"), ("paste_visible_mAP", "paste mAP"),
@@ -67,12 +68,14 @@ def main() -> None:
         features_step.features(ws, progress=False)
         regions_step.regions(ws, progress=False)
         whitening_step.whitening(ws)
-        mining = {**ws.params.section("mining"), "gem_p": ws.params.section("index").get("gem_p", 3.0)}
+        index_step.build_index(ws)
         start = time.perf_counter()
         subset = dataclasses.replace(bench, queries=[q for q in bench.queries if QUERY_SETS[queries](q)])
-        run = evaluate_methods(subset, ws.lake, ws.cache, [method], mining, progress=False,
-                               regions=ws.region_store.load(), region_params=dict(ws.params.section("regions")),
-                               whitening=ws.load_whitening(), backbone=ws.backbone)[0]
+        # Every query through the path `objret mine` takes, as flows.evaluate does.
+        search = load_search(ws, [method])
+        frame_of = bench_frame_ids(subset, ws.lake)
+
+        run = evaluate_methods(subset, frame_of, [method], query_ranker(ws, search, frame_of), progress=False)[0]
         figures = flat_metrics(run.report)
         rows.append({"label": label, "method": method, "overrides": args.overrides + overrides, "queries": queries,
                      "seconds_per_query": run.seconds_per_query, "seconds": time.perf_counter() - start,

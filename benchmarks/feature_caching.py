@@ -21,7 +21,8 @@ import torch
 from objret.features.backbone import build_backbone, pick_device, preprocess
 from objret.config import load_params
 from objret.features.cache import FeatureCache, cache_features, forward
-from objret.ingest.lake import Lake, load_image
+from objret.ingest.lake import Lake
+from objret.ingest.decode import load_image
 
 
 def main() -> None:
@@ -36,13 +37,13 @@ def main() -> None:
     args = parser.parse_args()
 
     device = pick_device()
-    layers = tuple(load_params().section("features").get("layers", ("stride16", "stride32")))   # as the cache runs
+    layers = tuple(load_params().features.layers)   # as the cache runs
     backbone = build_backbone(args.backbone, layers=layers, max_side=args.max_side)
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake(Path(tmp) / "lake")
         images = sorted(Path(args.bench, args.set, "images").glob("*.jpg"))[: args.frames]
         for path in images:
-            lake.ingest(str(path), progress=False)
+            lake.ingest(str(path), every_n=1, progress=False)
         frames = lake.frames()
 
         # (1) bare forward: tensors prepared beforehand, the same batching and autocast as the cache uses.

@@ -3,7 +3,7 @@
     python benchmarks/mining_latency.py --bench ../shared/bench --workdir .objret-bench --reports 20
 
 Ingests the bench and caches its features if that was not done yet (a one-off of several minutes), builds
-the index, loads it once (``LakeSearch.open``, as a process serving reports does), then mines bench queries as
+the index, loads it once (``objret.steps.mine.open_search``, as a process serving reports does), then mines bench queries as
 failure reports, half with boxes under mining.small_box and half above (without pushing), and prints the
 latency split: query (the report's maps and mirror view, the shortlist), rank (template matching, fusion),
 outputs (heat maps, contact sheet, mined.json). Results go to benchmarks/results/mining_latency.json.
@@ -24,7 +24,6 @@ from objret.steps import features as features_step, index as index_step, ingest 
 from objret.eval.bench import load_bench
 from objret.config import load_params
 from objret.mining.report import parse_report
-from objret.mining.search import LakeSearch
 from objret.steps.workspace import Workspace
 
 
@@ -42,11 +41,11 @@ def main() -> None:
     features_step.features(ws)
     index = index_step.build_index(ws)
     start = time.perf_counter()
-    LakeSearch.open(ws)
+    mine_step.open_search(ws)
     open_s = time.perf_counter() - start
     # Half the reports with boxes under mining.small_box (template-matched on every frame), half above it
     # (template-matched on the region shortlist): the two costs differ by the size of the lake.
-    small = float(ws.params.section("mining").get("small_box", 0.0))
+    small = ws.params.mining.small_box
     half = args.reports // 2
     queries = ([q for q in bench.queries if q.area_frac < small][:half]
                + [q for q in bench.queries if q.area_frac >= small][: args.reports - half])

@@ -106,7 +106,7 @@ def main() -> None:
     local = dict(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0")
     with scale_out.local_cluster_environ(), LocalCluster(**local) as cluster, Client(cluster) as client:
         warm_ws = workspace("dask-warm", [f"scale_out.address={cluster.scheduler_address}"])
-        params = dict(warm_ws.params)
+        params = warm_ws.params.to_dict()
         pids = client.gather([client.submit(_warm, params, str(warm_ws.root), workers=[w], pure=False)
                               for w in client.scheduler_info()["workers"]])
         t = time.perf_counter()

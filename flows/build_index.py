@@ -23,8 +23,8 @@ def build_index_flow(sources: list[str] | None = None, params_path: str | None =
     """All steps (the graph when graph.enabled), or only the named ones (e.g. ["features"]: a DVC stage) in one
     flow run and MLflow run; a step not run is None in the result."""
     ws = Workspace(load_params(params_path, overrides), workdir)
-    sources = sources or list(ws.params.section("lake").get("sources") or [])
-    graph_on = ws.params.section("graph").get("enabled", True)
+    sources = sources or list(ws.params.lake.sources)
+    graph_on = ws.params.graph.enabled
     todo = set(only) if only else {step for step in STEPS if step != "graph" or graph_on}
     if todo - set(STEPS):
         raise ObjretError(f"unknown build-index step(s) {', '.join(sorted(todo - set(STEPS)))}: "
@@ -63,4 +63,4 @@ def graph_flow(params_path: str | None = None, overrides: list[str] | None = Non
 
 
 def discovery_enabled(ws: Workspace) -> bool:
-    return bool((ws.params.section("graph").get("discovery") or {}).get("enabled", False))
+    return ws.params.graph.discovery.enabled

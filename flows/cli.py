@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="*", help="folders, video files or s3:// prefixes (default: lake.sources)")
     p.add_argument("--only", help="comma-separated steps to run (DVC runs one a stage): ingest, features, regions, "
                                   "whitening, index, graph (default: all)")
+    p.add_argument("--demo-if-empty", action="store_true",
+                   help="when neither SOURCES nor lake.sources name anything, ingest the PETS 2009 demo video (as "
+                        "`objret demo` does; DVC's ingest stage uses this, so `dvc repro` builds a lake out of the box)")
     _common(p)
 
     p = sub.add_parser("graph", help="build or refresh the region graph of the index build-index made, and its OS.EGM "
@@ -113,7 +116,16 @@ def cmd_build_index(args) -> int:
     from flows.build_index import build_index_flow
 
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    result = build_index_flow(sources=args.sources, only=only, **_flow_kwargs(args))
+    sources = args.sources
+    if args.demo_if_empty and not sources and (only is None or "ingest" in only):
+        from objret.config import load_params
+        from tasks.demo_data import pets_video
+
+        params = load_params(args.params, args.overrides)
+        if not params.lake.sources:
+            sources = [str(pets_video(Path(args.workdir or params.workdir) / "data"))]
+            print(f"lake.sources is empty: ingesting the demo video {sources[0]}")
+    result = build_index_flow(sources=sources, only=only, **_flow_kwargs(args))
     print(json.dumps({step: result[step] for step in only} if only else result["index"], default=str))
     return 0
 

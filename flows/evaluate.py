@@ -13,11 +13,8 @@ from objret.config import load_params
 from objret.eval.bench import load_bench
 from objret.eval.metrics import compare_table, flat_metrics, format_table, recall_curve, summary_metrics
 from objret.eval.plots import draw, plot_data
-from objret.eval.run import evaluate_methods
-from objret.graph.discovery import load_discovery
-from objret.graph.store import open_diffusion
-from objret.index.region_index import RegionIndex
-from objret.steps.discovery import discovery_dir
+from objret.eval.run import bench_frame_ids, evaluate_methods
+from objret.steps.mine import load_search, query_ranker
 from objret.steps.workspace import Workspace
 from tasks import steps
 from tasks.tracking import log_metrics, mlflow_run
@@ -46,30 +43,26 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
     (columns k, method, recall): the DVC stage's metrics and plots files."""
     ws = Workspace(load_params(params_path, overrides), workdir)
     bench = load_bench(bench_dir)
-    methods = methods or [ws.params.section("mining").get("method", "fused"), "gem"]
-    mining_params = {**ws.params.section("mining"), "gem_p": ws.params.section("index").get("gem_p", 3.0)}
+    methods = methods or [ws.params.mining.method, "gem"]
     with mlflow_run(ws, f"eval {Path(bench_dir).name}", {"flow": "evaluate", "bench": str(bench_dir)}):
         steps.ingest(ws, [str(Path(bench_dir, s).resolve()) for s in bench.sets])
         steps.features(ws)
         steps.regions(ws)
         steps.whitening(ws)
-        diffusion = discovery = None
-        with_diffusion = "fused" in methods and bool((mining_params.get("diffusion") or {}).get("enabled"))
+        mlflow.set_tags({"index_version": steps.index(ws)["version"]})   # the bench's own region index
+        with_diffusion = "fused" in methods and ws.params.mining.diffusion.enabled
         if with_diffusion or "discovery" in methods:
-            # Diffusion and OS.EGM need the region graph, over the region index: both built (or refreshed) here,
-            # and only then (whatever graph.enabled and graph.discovery.enabled say).
-            mlflow.set_tags({"index_version": steps.index(ws)["version"]})   # the bench's own index
+            # Diffusion and OS.EGM need the region graph: built (or refreshed) here, and only then (whatever
+            # graph.enabled and graph.discovery.enabled say).
             steps.graph(ws, samples=False)
-        if with_diffusion:
-            diffusion = open_diffusion(ws.graph_dir(), ws.current_index_dir(),
-                                       RegionIndex.load(ws.current_index_dir()), mining_params["diffusion"])
         if "discovery" in methods:
             steps.discovery(ws)
-            discovery = load_discovery(discovery_dir(ws))
-        mlflow.set_tags({"diffusion": str(diffusion is not None).lower()})
-        runs = evaluate_methods(bench, ws.lake, ws.cache, methods, mining_params, regions=ws.region_store.load(),
-                                region_params=dict(ws.params.section("regions")), whitening=ws.load_whitening(),
-                                backbone=ws.backbone, diffusion=diffusion, discovery=discovery)
+        mlflow.set_tags({"diffusion": str(with_diffusion).lower()})
+        # Every query through the path `objret mine` takes (candidate selection, small-box rule, rerank, method).
+        search = load_search(ws, methods)
+        frame_of = bench_frame_ids(bench, ws.lake)
+
+        runs = evaluate_methods(bench, frame_of, methods, query_ranker(ws, search, frame_of))
         summary = {}
         aggregates, curve, curves = {}, ["k,method,recall"], {}
         for i, run in enumerate(runs):

@@ -19,22 +19,19 @@ from prefect.types.entrypoint import EntrypointType
 from flows.build_index import build_index_flow
 from flows.triggers import REPORT_SUBMITTED, RESOURCE_PREFIX, mine_report_flow, watch_reports_flow
 from objret.config import DEFAULT_PARAMS, load_params
-from objret.errors import ObjretError
 from objret.steps.workspace import Workspace
 
 
 def deployments(params_path: str | None = None, overrides: list[str] | None = None, workdir: str | None = None):
     params = load_params(params_path, overrides)
     ws = Workspace(params, workdir)
-    service = params.section("service")
+    service = params.service
     # Every run reads the same parameters and work folder as this process, wherever the runner starts it.
     # Runs load the flows by module (objret is installed), so `objret serve` works from any folder.
     by_module = {"entrypoint_type": EntrypointType.MODULE_PATH}
     common = {"params_path": str(Path(params_path or DEFAULT_PARAMS).resolve()), "overrides": list(overrides or []),
               "workdir": str(ws.root)}
-    concurrency = int(service.get("mine_concurrency", 2))
-    if concurrency < 1:
-        raise ObjretError(f"service.mine_concurrency must be at least 1, not {concurrency}")
+    concurrency = service.mine_concurrency   # at least 1 (objret.config)
     trigger = DeploymentEventTrigger(
         name="objret report submitted",
         expect={REPORT_SUBMITTED},
@@ -43,16 +40,15 @@ def deployments(params_path: str | None = None, overrides: list[str] | None = No
     )
     out = [mine_report_flow.to_deployment(name="mine", triggers=[trigger], concurrency_limit=concurrency,
                                           parameters=common, description="mine one submitted report", **by_module)]
-    cron = service.get("refresh_cron")
+    cron = service.refresh_cron
     if cron:
         out.append(build_index_flow.to_deployment(name="refresh-index", cron=cron, parameters=common,
                                                   description="build-index on lake.sources: new frames only",
                                                   **by_module))
-    watch = service.section("watch")
-    sources = list(watch.get("sources") or [])
+    sources = list(service.watch.sources)
     if sources:
         out.append(watch_reports_flow.to_deployment(
-            name="watch-reports", interval=float(watch.get("interval_s", 60)), parameters={"sources": sources, **common},
+            name="watch-reports", interval=service.watch.interval_s, parameters={"sources": sources, **common},
             description="scan for new report files and submit them", **by_module))
     return out, concurrency
 

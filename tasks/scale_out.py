@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
+from objret.config import ScaleOutParams
 from objret.errors import ObjretError
 from objret.steps import chunks
 from objret.steps.workspace import Workspace
@@ -28,7 +29,7 @@ STEPS = ("features", "regions")
 
 
 def enabled(ws: Workspace) -> bool:
-    return bool(ws.params.section("scale_out").get("enabled", False))
+    return ws.params.scale_out.enabled
 
 
 def features_and_regions(ws: Workspace, steps=STEPS) -> tuple[dict | None, dict | None]:
@@ -52,12 +53,13 @@ def run(ws: Workspace, steps=STEPS) -> dict:
     """The scale-out flow over this work folder, on the cluster ``scale_out`` names (none when every frame has
     its maps and regions already: a cluster takes a while to start)."""
     steps = [s for s in STEPS if s in steps]
-    chunk_frames = int(ws.params.section("scale_out").get("chunk_frames") or 64)
+    chunk_frames = ws.params.scale_out.chunk_frames
     busy = (("features" in steps and chunks.feature_chunks(ws, chunk_frames))
             or ("regions" in steps and chunks.region_chunks(ws, chunk_frames)))
     with _api_for_workers(), local_cluster_environ():
-        runner = task_runner(ws.params.section("scale_out")) if busy else ThreadPoolTaskRunner()
-        return scale_out_flow.with_options(task_runner=runner)(dict(ws.params), str(ws.root), steps)
+        runner = task_runner(ws.params.scale_out) if busy else ThreadPoolTaskRunner()
+        # Workers get the parameters as a plain dict (picklable, a Prefect parameter) and validate them again.
+        return scale_out_flow.with_options(task_runner=runner)(ws.params.to_dict(), str(ws.root), steps)
 
 
 def _api_for_workers():
@@ -94,13 +96,13 @@ def local_cluster_environ():
         os.environ.update(before)
 
 
-def task_runner(so: dict) -> DaskTaskRunner:
+def task_runner(so: ScaleOutParams) -> DaskTaskRunner:
     """The Dask task runner ``scale_out`` asks for: the scheduler at ``address``, else a local cluster of worker
     processes, one per GPU (each seeing only its own) where there are GPUs."""
-    if so.get("address"):
-        return DaskTaskRunner(address=so["address"])
-    threads = int(so.get("threads_per_worker") or 1)
-    n_workers = so.get("n_workers")
+    if so.address:
+        return DaskTaskRunner(address=so.address)
+    threads = so.threads_per_worker
+    n_workers = so.n_workers
     gpus = visible_gpus()
     if gpus:
         n = int(n_workers or len(gpus))
@@ -134,7 +136,7 @@ def gpu_cluster(gpus: list[str], threads_per_worker: int = 1):
 def scale_out_flow(params: dict, workdir: str, steps: list[str] = list(STEPS)) -> dict:
     """Features, then regions, of the frames that lack them, a task per chunk of frames on the Dask cluster."""
     ws = chunks.workspace(params, workdir)
-    chunk_frames = int(ws.params.section("scale_out").get("chunk_frames") or 64)
+    chunk_frames = ws.params.scale_out.chunk_frames
     uris = {f.frame_id: f.image_uri for f in ws.lake.frames()}
     feats = found = None
 

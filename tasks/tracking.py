@@ -83,11 +83,11 @@ def mlflow_run(ws: Workspace, run_name: str, tags: dict | None = None):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = ws.tracking_uri
     with _tracking_uri(uri):
-        name = ws.params.section("tracking").get("experiment", "objret")
+        name = ws.params.tracking.experiment
         _experiment(name, uri, ws.artifact_root)
         mlflow.set_experiment(name)
         with mlflow.start_run(run_name=run_name, tags={**run_tags(ws), **(tags or {})}) as run:
-            params = _flatten("", dict(ws.params), {})
+            params = _flatten("", ws.params.to_dict(), {})
             # A URL parameter may carry user:password (an S3 endpoint, a DVC remote): never log that part.
             mlflow.log_params({k: redact_credentials(str(v))[:500] for k, v in params.items()})
             yield run

@@ -181,7 +181,7 @@ def test_a_store_stopped_mid_ingest_keeps_what_was_read_and_the_next_ingest_comp
         _before_s3_call(patch, "read_bytes", 4, faulty_s3.kill)
         start = time.monotonic()
         with pytest.raises(StoreError) as failed:
-            lake.ingest(source, progress=False)
+            lake.ingest(source, every_n=1, progress=False)
         to_error = time.monotonic() - start
     message = str(failed.value)
     assert f"cannot read {source}/03.jpg" in message and "gave up after 5 attempts" in message
@@ -190,7 +190,7 @@ def test_a_store_stopped_mid_ingest_keeps_what_was_read_and_the_next_ingest_comp
 
     faulty_s3.start()
     start = time.monotonic()
-    resumed = lake.ingest(source, progress=False)
+    resumed = lake.ingest(source, every_n=1, progress=False)
     complete_s = time.monotonic() - start
     assert (resumed.added, resumed.skipped, resumed.errors) == (5, 3, [])
     assert [f.frame_id for f in lake.frames()] == [f["frame_id"] for f in frames]

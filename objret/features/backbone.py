@@ -138,8 +138,7 @@ def _resnet50(layers: tuple[str, ...], max_side: int, weights_file: str | None) 
     return Backbone(extractor, spec, {layer: layer for layer in layers})
 
 
-def build_backbone(name: str = "efficientnet_lite2", layers=("stride16", "stride32"), max_side: int = 640,
-                   resnet50_weights: str | None = None) -> Backbone:
+def build_backbone(name: str, layers, max_side: int, resnet50_weights: str | None = None) -> Backbone:
     layers = tuple(layers)
     if name in ("efficientnet_lite0", "efficientnet_lite2"):
         return _efficientnet_lite(name.split("_")[1], layers, max_side)

@@ -30,29 +30,26 @@ from pathlib import Path
 
 import numpy as np
 
+from objret.config import EgmParams
 from objret.errors import ObjretError
 from objret.regions.egm import egm_regions
 from objret.regions.sources import SOURCES, FrameRegions, cells_to_pixels, pool_regions, whole_region
 from objret.versions import load_manifest, save_version
 
 FORMAT = 1
-# 003 sec. 4.2, object saliency: rho = 2, sigma = 2, tau = 0; the purge threshold is not reported (0.5 as FS.EGM).
-DEFAULT_OS_EGM = {"sigma": 2.0, "tau": 0.0, "rho": 2.0, "purge": 0.5}
 
 
-def os_egm_regions(feature_map: np.ndarray, object_saliency_map: np.ndarray,
-                   egm_params: dict | None = None) -> FrameRegions:
+def os_egm_regions(feature_map: np.ndarray, object_saliency_map: np.ndarray, egm: EgmParams) -> FrameRegions:
     """OS.EGM: EGM regions (objret.regions.egm.egm_regions) of an h x w object saliency map, as regions (boxes in cells)
     of the C x h x w ``feature_map`` it was computed on, source ``os_egm``, scored by their mean object saliency
-    (003 eq. 9 on S), highest first. ``egm_params``: sigma, tau, rho, purge (missing keys: DEFAULT_OS_EGM).
+    (003 eq. 9 on S), highest first. ``egm``: sigma, tau, rho, purge (params.yaml's graph.discovery.egm: 003 sec.
+    4.2's rho = 2, sigma = 2, tau = 0 for object saliency; the purge threshold is not reported there).
     An all-zero (or all non-finite) map gives no region."""
     S = np.asarray(object_saliency_map, np.float64)
     if S.ndim != 2 or S.shape != tuple(np.shape(feature_map)[-2:]):
         raise ObjretError(f"object saliency of shape {S.shape} does not match the feature map "
                           f"{tuple(np.shape(feature_map))}")
-    p = {**DEFAULT_OS_EGM, **(egm_params or {})}
-    found = egm_regions(S, sigma=float(p["sigma"]), tau=float(p["tau"]), rho=float(p["rho"]),
-                        purge=float(p["purge"]))
+    found = egm_regions(S, sigma=egm.sigma, tau=egm.tau, rho=egm.rho, purge=egm.purge)
     boxes = np.asarray([[r.x, r.y, r.w, r.h] for r in found], np.float32).reshape(-1, 4)
     return FrameRegions(boxes, np.full(len(boxes), SOURCES.index("os_egm"), np.int8),
                         np.asarray([r.score for r in found], np.float32))

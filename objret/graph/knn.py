@@ -37,20 +37,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from objret.errors import ObjretError
+from objret.graph.knn_search import (default_nlist, flat_search, gpu_wanted, ivf, ivf_search, nearest_lists,
+                                     train_centroids)
 
 DEFAULT_K = 50            # Iscen et al. [12] database graph k (003 follows [12]; 003 does not restate it)
 DEFAULT_BETA = 3.0        # similarity exponent of [12] (their gamma = 3)
 EXACT_MAX = 50_000        # exact (n^2) k-NN up to here, IVF-Flat above
 DEFAULT_NPROBE = 16       # k-NN recall 0.98 at 100k, 1.00 at 1M clustered vectors (benchmarks/graph_scale.py)
-TRAIN_POINTS_PER_LIST = 64  # k-means sample: above faiss' 39/centroid minimum, far below its 256 default
-GPU_MAX_K = 2048          # faiss GPU k-selection limit
-_CHUNK = 65_536           # query rows per search call: bounds temporary memory, no effect on results
 
 
 @dataclass
@@ -138,11 +136,11 @@ def nearest_neighbors(vectors: np.ndarray, k: int, *, exact_max: int = EXACT_MAX
     """
     x = _as_unit_vectors(vectors, "vectors")
     _check_k(k, len(x))
-    gpu = _gpu_wanted(use_gpu)
+    gpu = gpu_wanted(use_gpu)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if len(x) <= exact_max:
-        ids, sims = _flat_search(x, x, k + 1, gpu)
+        ids, sims = flat_search(x, x, k + 1, gpu)
         timings["knn_search_s"] = time.perf_counter() - t
         ids, sims = _drop_self(ids, sims, np.arange(len(x)), k)
         return KnnLists(ids, sims), timings
@@ -156,11 +154,11 @@ def nearest_neighbors(vectors: np.ndarray, k: int, *, exact_max: int = EXACT_MAX
     if not 1 <= nprobe <= len(centroids):
         raise ObjretError(f"nprobe={nprobe} must be in [1, nlist={len(centroids)}]")
     t = time.perf_counter()
-    probes = _probes(centroids, x, nprobe, gpu)
+    probes = nearest_lists(centroids, x, nprobe, gpu)
     timings["ivf_assign_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    index = _ivf(centroids, [(x, probes)])
-    ids, sims = _ivf_search(index, x, probes, k + 1)
+    index = ivf(centroids, [(x, probes)])
+    ids, sims = ivf_search(index, x, probes, k + 1)
     del index
     timings["knn_search_s"] = time.perf_counter() - t
     ids, sims = _drop_self(ids, sims, np.arange(len(x)), k)
@@ -200,7 +198,7 @@ def knn_recall(vectors: np.ndarray, knn: KnnLists, *, sample: int = 1000, seed: 
     if len(x) != knn.n:
         raise ObjretError(f"knn has {knn.n} rows but {len(x)} vectors were given")
     rows = np.sort(np.random.default_rng(seed).choice(len(x), min(sample, len(x)), replace=False))
-    exact_ids, exact_sims = _flat_search(x, x[rows], knn.k + 1, _gpu_wanted(use_gpu))
+    exact_ids, exact_sims = flat_search(x, x[rows], knn.k + 1, gpu_wanted(use_gpu))
     exact_ids, _ = _drop_self(exact_ids, exact_sims, rows, knn.k)
     found = (exact_ids[:, :, None] == knn.neighbors[rows][:, None, :]).any(axis=2) & (exact_ids >= 0)
     return float(np.mean(found.sum(axis=1) / np.maximum((exact_ids >= 0).sum(axis=1), 1)))
@@ -228,7 +226,7 @@ def refresh_region_graph(previous: RegionGraph | KnnLists, vectors: np.ndarray, 
         raise ObjretError(f"vectors are {x.shape[1]}-d but the graph's centroids are {knn.centroids.shape[1]}-d")
     old, new = x[:n_old], x[n_old:]
     new_ids = np.arange(n_old, len(x))
-    gpu = _gpu_wanted(use_gpu)
+    gpu = gpu_wanted(use_gpu)
     timings: dict[str, float] = {}
     if len(new) == 0:
         return _finish(knn, beta, x, start, timings, recall_sample, seed, use_gpu)
@@ -236,20 +234,20 @@ def refresh_region_graph(previous: RegionGraph | KnnLists, vectors: np.ndarray, 
     t = time.perf_counter()
     if knn.centroids is None:
         # New rows against all rows; old rows against the new rows only (n_old x m, not n^2).
-        ids, sims = _flat_search(x, new, k + 1, gpu)
+        ids, sims = flat_search(x, new, k + 1, gpu)
         new_lists = _drop_self(ids, sims, new_ids, k)
-        candidates = _flat_search(new, old, min(k, len(new)), gpu)
+        candidates = flat_search(new, old, min(k, len(new)), gpu)
         new_probes = None
     else:
         nprobe = knn.probes.shape[1]
-        new_probes = _probes(knn.centroids, new, nprobe, gpu)
-        index = _ivf(knn.centroids, [(old, knn.probes), (new, new_probes)])
-        ids, sims = _ivf_search(index, new, new_probes, k + 1)
+        new_probes = nearest_lists(knn.centroids, new, nprobe, gpu)
+        index = ivf(knn.centroids, [(old, knn.probes), (new, new_probes)])
+        ids, sims = ivf_search(index, new, new_probes, k + 1)
         del index
         new_lists = _drop_self(ids, sims, new_ids, k)
         # Old rows scan only the new vectors inside their own probed lists: what a rebuild would add.
-        index = _ivf(knn.centroids, [(new, new_probes)])
-        candidates = _ivf_search(index, old, knn.probes, min(k, len(new)))
+        index = ivf(knn.centroids, [(new, new_probes)])
+        candidates = ivf_search(index, old, knn.probes, min(k, len(new)))
         del index
     timings["knn_search_s"] = time.perf_counter() - t
 
@@ -264,27 +262,6 @@ def refresh_region_graph(previous: RegionGraph | KnnLists, vectors: np.ndarray, 
     timings["affected_old_nodes"] = float(affected)
     return _finish(merged, beta, x, start, timings, recall_sample, seed, use_gpu)
 
-
-def train_centroids(vectors: np.ndarray, nlist: int, *, seed: int = 0, use_gpu: bool = False) -> np.ndarray:
-    """Spherical k-means centroids (unit vectors: inner product is the right assignment) on a seeded sample."""
-    x = np.asarray(vectors, np.float32)
-    if nlist > len(x):
-        raise ObjretError(f"nlist={nlist} exceeds the number of vectors ({len(x)})")
-    rng = np.random.default_rng(seed)
-    n_train = min(len(x), TRAIN_POINTS_PER_LIST * nlist)
-    sample = x[np.sort(rng.choice(len(x), n_train, replace=False))] if n_train < len(x) else x
-    kmeans = faiss.Kmeans(x.shape[1], nlist, niter=10, seed=seed, spherical=True, gpu=use_gpu, verbose=False,
-                          min_points_per_centroid=1, max_points_per_centroid=TRAIN_POINTS_PER_LIST)
-    kmeans.train(sample)
-    return np.ascontiguousarray(kmeans.centroids, np.float32)
-
-
-def default_nlist(n: int) -> int:
-    """~4 sqrt(n) lists (the usual IVF rule), but at least 39 points per list (faiss' k-means minimum)."""
-    return max(1, min(int(4 * np.sqrt(n)), n // 39))
-
-
-# ---- helpers ---------------------------------------------------------------------------------------
 
 def _finish(knn: KnnLists, beta: float, x: np.ndarray, start: float, timings: dict[str, float],
             recall_sample: int, seed: int, use_gpu: bool | None) -> RegionGraph:
@@ -337,68 +314,6 @@ def _drop_self(ids: np.ndarray, sims: np.ndarray, self_ids: np.ndarray, k: int) 
         out_ids[other] = np.take_along_axis(ids[other], order, axis=1)
         out_sims[other] = np.take_along_axis(sims[other], order, axis=1)
     return out_ids.astype(np.int32), out_sims
-
-
-def _flat_search(base: np.ndarray, queries: np.ndarray, k: int, gpu: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product k-NN of ``queries`` in ``base``: (ids int64, sims float32), -1 past len(base)."""
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(base)
-    if gpu and k <= GPU_MAX_K:
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, 0, index)
-    return _chunked(lambda q: index.search(q, k), queries, k)
-
-
-def _probes(centroids: np.ndarray, x: np.ndarray, nprobe: int, gpu: bool) -> np.ndarray:
-    """Each row's ``nprobe`` nearest centroids (int32), nearest first: its IVF list and the lists it scans."""
-    ids, _ = _flat_search(centroids, x, nprobe, gpu)
-    return ids.astype(np.int32)
-
-
-def _ivf(centroids: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]]) -> faiss.IndexIVFFlat:
-    """IVF-Flat over the concatenated parts, each row filed in its nearest centroid's list (probes[:, 0])."""
-    quantizer = faiss.IndexFlatIP(centroids.shape[1])
-    quantizer.add(centroids)
-    index = faiss.IndexIVFFlat(quantizer, centroids.shape[1], len(centroids), faiss.METRIC_INNER_PRODUCT)
-    index.referenced_objects = [quantizer]               # the index must not outlive its quantizer
-    offset = 0
-    for vectors, probes in parts:
-        for s in range(0, len(vectors), _CHUNK):
-            # Named arrays: swig_ptr holds no reference, so a temporary would be freed before the call.
-            chunk = np.ascontiguousarray(vectors[s:s + _CHUNK])
-            ids = np.arange(offset + s, offset + s + len(chunk), dtype=np.int64)
-            lists = np.ascontiguousarray(probes[s:s + _CHUNK, 0], np.int64)
-            index.add_core(len(chunk), faiss.swig_ptr(chunk), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-        offset += len(vectors)
-    return index
-
-
-def _ivf_search(index: faiss.IndexIVFFlat, queries: np.ndarray, probes: np.ndarray,
-                k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Search each query inside its own probed lists (assignment precomputed, not redone)."""
-    index.nprobe = probes.shape[1]
-    out_ids = np.empty((len(queries), k), np.int64)
-    out_sims = np.empty((len(queries), k), np.float32)
-    for s in range(0, len(queries), _CHUNK):
-        q = np.ascontiguousarray(queries[s:s + _CHUNK])
-        lists = np.ascontiguousarray(probes[s:s + _CHUNK], np.int64)
-        sims, ids = index.search_preassigned(q, k, lists, np.zeros(lists.shape, np.float32))
-        out_ids[s:s + len(q)], out_sims[s:s + len(q)] = ids, sims
-    return out_ids, out_sims
-
-
-def _chunked(search, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    out_ids = np.empty((len(queries), k), np.int64)
-    out_sims = np.empty((len(queries), k), np.float32)
-    for s in range(0, len(queries), _CHUNK):
-        sims, ids = search(np.ascontiguousarray(queries[s:s + _CHUNK]))
-        out_ids[s:s + len(sims)], out_sims[s:s + len(sims)] = ids, sims
-    return out_ids, out_sims
-
-
-def _gpu_wanted(use_gpu: bool | None) -> bool:
-    available = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-    return available if use_gpu is None else bool(use_gpu) and available
 
 
 def _as_unit_vectors(vectors: np.ndarray, name: str) -> np.ndarray:

@@ -92,9 +92,10 @@ def save_graph(directory: str | Path, graph: RegionGraph, centrality: np.ndarray
     return load_graph(directory)
 
 
-def open_diffusion(graph_dir: str | Path, index_dir: str | Path, index, params: dict) -> GraphDiffusion:
+def open_diffusion(graph_dir: str | Path, index_dir: str | Path, index, *, k: int, alpha: float,
+                   max_iter: int) -> GraphDiffusion:
     """Diffusion over the stored graph of ``index`` (a RegionIndex loaded from ``index_dir``), with the query
-    side's ``params`` (mining.diffusion: k, alpha, max_iter); ObjretError when there is no graph for it."""
+    side's ``k``, ``alpha`` and ``max_iter`` (mining.diffusion); ObjretError when there is no graph for it."""
     stored = load_graph(graph_dir)
     if stored is None:
         raise ObjretError(f"diffusion needs the region graph and there is none in {graph_dir}: run build-index "
@@ -105,6 +106,5 @@ def open_diffusion(graph_dir: str | Path, index_dir: str | Path, index, params: 
                           f"({stored.manifest['index']['current']}, {stored.nodes} regions; the index is {current}, "
                           f"{len(index)} regions): run build-index")
     return GraphDiffusion(stored.matrix, index.owner, list(index.frame_ids), index.search,
-                          k=int(params.get("k", 10)), beta=float(stored.manifest["settings"]["knn"]["beta"]),
-                          alpha=float(params.get("alpha", 0.99)), max_iter=int(params.get("max_iter", 20)),
+                          k=k, beta=float(stored.manifest["settings"]["knn"]["beta"]), alpha=alpha, max_iter=max_iter,
                           version=stored.version)

@@ -36,6 +36,7 @@ import faiss
 import numpy as np
 
 from objret.errors import ObjretError
+from objret.index.sizing import default_nlist, default_nprobe, default_pq_m, serialized_size
 from objret.versions import save_version
 
 KINDS = ("auto", "flat", "ivfpq", "hnsw")
@@ -54,27 +55,13 @@ class FrameHit:
     box: tuple[float, float, float, float]   # its box (x, y, w, h in frame pixels; NaN when not given)
 
 
-def default_pq_m(dim: int) -> int:
-    """About one byte of code per 8 dimensions: the largest divisor of dim not above dim/8."""
-    return next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
-
-
-def default_nlist(n: int) -> int:
-    """~4*sqrt(n) lists, but at least 39 training points per list (faiss k-means' own minimum)."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 39))
-
-
-def default_nprobe(nlist: int) -> int:
-    return max(1, min(nlist, max(8, nlist // 16), 64))
-
-
 class RegionIndex:
     """faiss over region vectors with a region -> frame map; a frame's score is its best region's."""
 
     def __init__(self, dim: int, *, kind: str = "auto", flat_max: int = 200_000, nlist: int | None = None,
                  pq_m: int | None = None, hnsw_m: int = 32, use_gpu: bool | None = None,
                  nprobe: int | None = None, ef_search: int = 64, refine: str | None = "sq8",
-                 refine_k_factor: int = 4):
+                 refine_k_factor: int = 4, recipe: dict | None = None):
         if kind not in KINDS:
             raise ObjretError(f"unknown region index kind {kind!r}: use one of {', '.join(KINDS)}")
         pq_m = pq_m or default_pq_m(dim)
@@ -86,6 +73,10 @@ class RegionIndex:
         self.nlist, self.pq_m, self.hnsw_m = nlist, pq_m, hnsw_m
         self.nprobe, self.ef_search = nprobe, ef_search
         self.refine, self.refine_k_factor = refine, refine_k_factor
+        # How the vectors were made (backbone, layer, pooling, whitening): saved with the index and checked on
+        # load, as retrieval libraries carry a descriptor's recipe with the model, so that a query is never
+        # encoded differently from the lake.
+        self.recipe = dict(recipe or {})
         if kind == "hnsw":
             self.index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             self.active = "hnsw"
@@ -316,7 +307,7 @@ class RegionIndex:
             return 0.0
         side = self.owner.nbytes + self.boxes.nbytes + sum(v.nbytes for v in self.meta.values())
         side += sum(len(f.encode()) for f in self.frame_ids)
-        return (_serialized_size(self.index) + side) / len(self)
+        return (serialized_size(self.index) + side) / len(self)
 
     # ---- GPU -------------------------------------------------------------------------------------
 
@@ -348,13 +339,14 @@ class RegionIndex:
 
         save_version(directory, "v", write, {
             "format": _FORMAT, "kind": self.kind, "active": self.active, "dim": self.dim,
-            "ntotal": len(self), "n_frames": self.n_frames, "meta": sorted(self.meta),
+            "ntotal": len(self), "n_frames": self.n_frames, "meta": sorted(self.meta), "recipe": self.recipe,
             "params": {"flat_max": self.flat_max, "nlist": self.nlist, "pq_m": self.pq_m,
                        "hnsw_m": self.hnsw_m, "nprobe": self.nprobe, "ef_search": self.ef_search,
                        "refine": self.refine, "refine_k_factor": self.refine_k_factor}})
 
     @classmethod
-    def load(cls, directory: str | Path, *, use_gpu: bool | None = None) -> "RegionIndex":
+    def load(cls, directory: str | Path, *, use_gpu: bool | None = None, recipe: dict | None = None) -> "RegionIndex":
+        """The index saved in ``directory``; with ``recipe``, an ObjretError unless its vectors were made that way."""
         directory = Path(directory)
 
         def bad(why: str) -> ObjretError:
@@ -375,11 +367,16 @@ class RegionIndex:
             meta = {k: np.load(version / f"meta-{k}.npy", allow_pickle=False) for k in manifest["meta"]}
             frame_ids = json.loads((version / "frame_ids.json").read_text())
             params = manifest["params"]
-            out = cls(manifest["dim"], kind=manifest["kind"], use_gpu=False, **params)
+            out = cls(manifest["dim"], kind=manifest["kind"], use_gpu=False, recipe=manifest.get("recipe"), **params)
         except ObjretError:
             raise
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise bad(f"{type(exc).__name__}: {exc}") from exc
+        if recipe is not None and out.recipe != recipe:
+            differs = sorted(k for k in set(recipe) | set(out.recipe) if recipe.get(k) != out.recipe.get(k))
+            raise ObjretError(f"region index in {directory} was built with another descriptor recipe ("
+                              + ", ".join(f"{k}: {out.recipe.get(k)!r}, now {recipe.get(k)!r}" for k in differs)
+                              + "): run build-index")
         n = manifest["ntotal"]
         if not (index.ntotal == n == len(owner) == len(boxes) and all(len(v) == n for v in meta.values())):
             raise bad(f"{index.ntotal} vectors, {len(owner)} owners, {len(boxes)} boxes, manifest {n}")
@@ -406,18 +403,6 @@ def _joined(chunks: list[np.ndarray], dtype, empty_shape: tuple[int, ...]) -> np
         chunks[:] = [np.concatenate(chunks)]   # join once; later reads are free
     return chunks[0]
 
-
-def _serialized_size(index) -> int:
-    """Bytes faiss.serialize_index would produce, counted without holding a copy of them."""
-    total = 0
-
-    def count(buf: bytes) -> int:
-        nonlocal total
-        total += len(buf)
-        return len(buf)
-
-    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
-    return total
 
 def index_version(frame_ids: list[str]) -> str:
     """A short digest of the indexed frames: names the lake an index (and a mining run) saw."""

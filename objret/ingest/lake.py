@@ -12,30 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import math
 import os
 import sqlite3
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from objret import storage
 from objret.errors import BadFrameError, ObjretError, StoreError
+from objret.ingest.decode import IMAGE_EXTENSIONS, MAX_PIXELS, MIN_SIDE, VIDEO_EXTENSIONS, decode_image, is_image, is_video
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
-VIDEO_EXTENSIONS = frozenset({".avi", ".mp4", ".mov", ".mkv", ".webm"})
 BATCH_SIZE = 64  # frames per manifest transaction: a killed run redoes at most this many
 JPEG_QUALITY = 95  # stored video frames: near-lossless, about a tenth of PNG's size
-# An image over this many pixels is skipped rather than decoded (a 20000 x 20000 RGB frame is 1.2 GB in memory);
-# Pillow itself refuses over 2 x Image.MAX_IMAGE_PIXELS (179 M) whatever this says.
-MAX_PIXELS = 100_000_000
-MIN_SIDE = 32  # a shorter image side is no frame (under one cell of the stride-32 feature map at full size)
 _S3_VIDEO_ERROR = "{uri}: videos on S3 are not supported yet (download the file and ingest it locally)"
 
 _SCHEMA = """
@@ -93,57 +85,10 @@ class FrameNotFoundError(ObjretError, KeyError):
     __str__ = Exception.__str__  # KeyError would quote the message
 
 
-def _extension(uri: str) -> str:
-    return os.path.splitext(str(uri))[1].lower()
-
-
-def is_image(uri: str | Path) -> bool:
-    return _extension(str(uri)) in IMAGE_EXTENSIONS
-
-
-def is_video(uri: str | Path) -> bool:
-    return _extension(str(uri)) in VIDEO_EXTENSIONS
-
-
-def _decode_image(uri: str, data: bytes, max_pixels: int = MAX_PIXELS, min_side: int = 1) -> Image.Image:
-    """Fully decode, so a truncated file fails here and not later in the pipeline. The size is checked from the
-    header first: an oversized image is refused before its pixels take any memory."""
-    if not data:
-        raise BadFrameError(f"{uri}: empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise BadFrameError(f"{uri}: image too large, not decoded: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise BadFrameError(f"{uri}: cannot decode image: not in an image format Pillow reads") from exc
-    except Exception as exc:  # Pillow raises many types for bad data
-        raise BadFrameError(f"{uri}: cannot decode image: {exc}") from exc
-    width, height = image.size
-    if width * height > max_pixels:
-        raise BadFrameError(f"{uri}: image too large, not decoded: {width}x{height} is {width * height} pixels, "
-                            f"more than lake.max_pixels ({max_pixels})")
-    if min(width, height) < min_side:
-        raise BadFrameError(f"{uri}: image too small: {width}x{height}, a side under lake.min_side ({min_side} px)")
-    try:
-        image.load()
-    except Exception as exc:
-        raise BadFrameError(f"{uri}: cannot decode image: {exc}") from exc
-    return image
-
-
-def load_image(uri: str, endpoint_url: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The pixels at ``uri`` as RGB uint8 (H, W, 3). BadFrameError if they do not decode (or hold more than
-    ``max_pixels``), StoreError if they cannot be read."""
-    image = _decode_image(uri, storage.read_bytes(uri, endpoint_url), max_pixels)
-    return np.asarray(image.convert("RGB"))
-
-
 def _image_frame(uri: str, source: str, endpoint_url: str | None, max_pixels: int = MAX_PIXELS,
                  min_side: int = MIN_SIDE) -> Frame:
     data = storage.read_bytes(uri, endpoint_url)
-    image = _decode_image(uri, data, max_pixels, min_side)
+    image = decode_image(uri, data, max_pixels, min_side)
     width, height = image.size
     return Frame(hashlib.sha256(data).hexdigest(), uri, uri, source, None, None, width, height)
 
@@ -237,7 +182,7 @@ class Lake:
 
     # ---- ingestion ----------------------------------------------------------------------------------
 
-    def ingest(self, source: str, *, every_n: int = 1, fps: float | None = None,
+    def ingest(self, source: str, *, every_n: int, fps: float | None = None,
                endpoint_url: str | None = None, progress: bool = True, max_pixels: int = MAX_PIXELS,
                min_side: int = MIN_SIDE) -> IngestResult:
         """Add the frames of ``source`` (folder, video file, image file or s3:// prefix) that the lake

@@ -53,7 +53,7 @@ def resolve_under(uri: str, roots: list[str]) -> str | None:
 def workspace_roots(ws) -> list[str]:
     """A Workspace's roots: the work folder, the configured lake sources and every source the lake was ingested
     from (the CLI may ingest sources that params.yaml does not list)."""
-    configured = ws.params.section("lake").get("sources") or []
+    configured = ws.params.lake.sources
     return [str(ws.root), *(str(source) for source in configured), *ws.lake.sources()]
 
 

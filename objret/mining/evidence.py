@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from objret.mining.lakemaps import LakeMaps, RegionVectors
+from objret.mining.lakemaps import LakeMaps
+
+from objret.regions.encoding import RegionVectors
 from objret.mining.query import QueryObject
 from objret.regions.pooling import box_template, box_to_cells, template_grid
 from objret.regions.sources import pool_regions

@@ -1,11 +1,12 @@
-"""The default method ``fused``: region evidence over the lake, template matching on a shortlist, fused into one
-score per frame (query-adaptive late fusion)."""
+"""The default method ``fused``: region, whole-frame and template evidence of the candidate frames, fused into
+one score a frame (query-adaptive late fusion)."""
 
 from __future__ import annotations
 
 
 import numpy as np
 
+from objret.config import GateParams, WeightsParams
 from objret.mining.evidence import Ranking, best_region_per_frame, query_templates
 from objret.mining.lakemaps import LakeMaps
 from objret.mining.query import QueryObject
@@ -13,16 +14,14 @@ from objret.mining.template_matching import heatmap_for, match_template
 from objret.regions.pooling import gem
 
 
-def rank_fused(query: QueryObject, lake: LakeMaps, *, candidates: int, weights: dict, layer: str,
-               template_cells: int, scales, gem_p: float = 3.0, keep_heatmaps: int = 0, fusion: str = "adaptive",
-               small_box: float = 0.0, gate: dict | None = None, diffusion: np.ndarray | None = None,
-               diffusion_weight: float = 1.0) -> Ranking:
-    """Region evidence for every frame; template matching on a shortlist; one score per frame.
+def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, layer: str, template_cells: int,
+               scales, gem_p: float, fusion: str, gate: GateParams, keep_heatmaps: int = 0,
+               diffusion: np.ndarray | None = None, diffusion_weight: float = 0.0) -> Ranking:
+    """Region, whole-frame and template evidence for every frame of ``lake``, fused into one score a frame.
 
-    The shortlist is the best ``candidates`` frames by region (+ global) evidence, or every frame when the
-    query box covers less than ``small_box`` of its frame: region descriptors cannot shortlist objects of a
-    few cells (see README, measured). Evidence is standardised over the shortlist (the query's own frame left
-    out) and combined by ``fusion``:
+    ``lake`` is what the caller's candidate selection kept (objret.mining.shortlist: the region index's
+    shortlist, or every frame for a small box); each frame's template is matched. Evidence is standardised over
+    those frames (the query's own frame left out) and combined by ``fusion``:
 
     - ``adaptive`` (query-adaptive late fusion, after Zheng et al., CVPR 2015): a query whose template
       evidence stands out more from the lake than its region evidence does (the mean of its top ``gate.top``
@@ -36,40 +35,24 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, candidates: int, weights: 
     - ``sum`` adds the weighted evidence; ``max`` takes the better of the region (+ global) side and the
       template side.
 
-    Frames left out of the re-ranking keep their region evidence plus the lowest template score seen.
-
     ``diffusion`` (one score per frame of ``lake``, e.g. objret.graph.diffusion.GraphDiffusion.scores: the query's
-    diffusion over the region graph, 003 / Iscen et al.) is one more evidence on the context side, standardised
-    like the others and weighted by ``diffusion_weight``; it does not change the shortlist. None: nothing
-    changes.
+    diffusion over the region graph, after Iscen et al.) is one more evidence on the context side, standardised
+    like the others and weighted by ``diffusion_weight``. None: nothing changes.
     """
     region, region_boxes = best_region_per_frame(query, lake)
     glob = lake.global_vectors @ gem(query.maps["stride32"], gem_p)
-    n = len(region)
-    width, height = query.image_size
-    if query.box[2] * query.box[3] < small_box * width * height:
-        shortlist, sub = np.arange(n), lake.stack
-    elif candidates >= n:   # every frame, in place (a subset would gather every map)
-        shortlist, sub = np.arange(n), lake.stack
-    else:
-        shortlist = np.argsort(-(region + weights.get("global", 0.0) * glob), kind="stable")[:candidates]
-        sub = lake.stack.subset(shortlist)
     templates, footprint = query_templates(query, layer, template_cells)
-    matched = match_template(templates, footprint, sub, scales)
-    template_scores = np.full(n, matched.scores.min() if len(shortlist) else 0.0, np.float32)
-    template_scores[shortlist] = matched.scores
-    template_boxes = region_boxes.copy()
-    template_boxes[shortlist] = matched.boxes
-    reference = shortlist[np.asarray(lake.stack.frame_ids)[shortlist] != query.frame_id]
-    fused, boxes, weight = fuse_evidence(region, glob, template_scores, region_boxes, template_boxes,
-                                         reference if len(reference) else shortlist, weights, fusion, gate,
+    matched = match_template(templates, footprint, lake.stack, scales)
+    rows = np.arange(len(region))
+    reference = rows[np.asarray(lake.stack.frame_ids) != query.frame_id]
+    fused, boxes, weight = fuse_evidence(region, glob, matched.scores, region_boxes, matched.boxes,
+                                         reference if len(reference) else rows, weights, fusion, gate,
                                          diffusion=diffusion, diffusion_weight=diffusion_weight)
     ranking = Ranking(lake.stack.frame_ids, fused.astype(np.float32), boxes.astype(np.float32))
-    for j in np.argsort(-fused[shortlist], kind="stable")[:keep_heatmaps]:
-        i = shortlist[j]
+    for i in np.argsort(-fused, kind="stable")[:keep_heatmaps]:
         fid = lake.stack.frame_ids[i]
-        ranking.heatmaps[fid] = heatmap_for(matched, j, sub)
-        ranking.evidence[fid] = {"region": float(region[i]), "template": float(template_scores[i]),
+        ranking.heatmaps[fid] = heatmap_for(matched, i, lake.stack)
+        ranking.evidence[fid] = {"region": float(region[i]), "template": float(matched.scores[i]),
                                  "global": float(glob[i])}
         if weight is not None:
             ranking.evidence[fid]["template_weight"] = float(weight)
@@ -79,22 +62,22 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, candidates: int, weights: 
 
 
 def fuse_evidence(region: np.ndarray, glob: np.ndarray, template: np.ndarray, region_boxes: np.ndarray,
-                  template_boxes: np.ndarray, reference: np.ndarray, weights: dict, fusion: str = "adaptive",
-                  gate: dict | None = None, diffusion: np.ndarray | None = None,
-                  diffusion_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray, float | None]:
+                  template_boxes: np.ndarray, reference: np.ndarray, weights: WeightsParams, fusion: str,
+                  gate: GateParams, diffusion: np.ndarray | None = None,
+                  diffusion_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, float | None]:
     """One score and one box per frame from the three kinds of evidence (see rank_fused), standardised over
     the frames at ``reference``; returns the scores, the boxes and the template weight (adaptive only).
     ``diffusion`` (per-frame scores, optional) is a fourth evidence on the context side, weighted by
     ``diffusion_weight``, added after the adaptive gate has weighed the query's own evidence (diffusion
     spreads the region side's peak over the query's graph neighbourhood, so gating on it would send
     instance queries to the region side: bench paste mAP 0.414 -> 0.116); None changes nothing."""
-    context = (weights.get("region", 1.0) * _standardized(region, reference)
-               + weights.get("global", 0.0) * _standardized(glob, reference))
-    template = weights.get("template", 1.0) * _standardized(template, reference)
+    context = (weights.region * _standardized(region, reference)
+               + weights.global_ * _standardized(glob, reference))
+    template = weights.template * _standardized(template, reference)
     weight = None
     if fusion == "adaptive":
         context = context / (context[reference].std() + 1e-6)
-        weight = template_weight(context[reference], template[reference], **(gate or {}))
+        weight = template_weight(context[reference], template[reference], gate.top, gate.offset, gate.slope)
     if diffusion is not None:
         diffusion = np.asarray(diffusion, np.float64)
         if diffusion.shape != region.shape:
@@ -113,8 +96,7 @@ def fuse_evidence(region: np.ndarray, glob: np.ndarray, template: np.ndarray, re
     raise ValueError(f"unknown fusion {fusion!r}: adaptive, sum or max")
 
 
-def template_weight(context: np.ndarray, template: np.ndarray, top: int = 3, offset: float = 1.0,
-                    slope: float = 2.0) -> float:
+def template_weight(context: np.ndarray, template: np.ndarray, top: int, offset: float, slope: float) -> float:
     """How much a query's ranking should follow template matching rather than region evidence, in (0, 1).
 
     Each evidence's peak is the mean of its ``top`` best standardised scores: how far the best frames stand

@@ -1,21 +1,27 @@
-"""Mining: rank lake frames for a query object (a frame + a box) and keep a budget of distinct frames.
+"""The mining methods: a registry of ranking functions with one signature, chosen by name (``mining.method``).
 
-Methods share one interface so evaluation compares them over the same cached maps:
-  - ``fused`` (default): candidates from the region descriptors (a frame scores as its best region), re-ranked
-    by deep template matching on their dense maps, the evidence summed with weights into one score;
-  - ``regions``: the region descriptors alone (best region per frame, the region's box);
-  - ``dtm``: deep template matching of the box's template over every frame's dense map (baseline);
+Each method ranks every frame of the lake it is given (the candidates that objret.mining.shortlist kept):
+  - ``fused`` (default): region, whole-frame and template evidence fused per query (objret.mining.fusion);
+  - ``regions``: the region descriptors alone (best region per frame, the region's box) + weighted GeM;
+  - ``dtm``: deep template matching of the box's template (and its mirror view) on each frame's dense map;
   - ``gem``: whole-image GeM of the query frame against whole-image GeM of each frame (baseline);
   - ``rmac``: whole-image R-MAC (uniform regions max-pooled, summed) against the same of each frame (baseline);
-  - ``discovery``: 003 sec. 3.9's global descriptor (OS.EGM regions max-pooled, summed, whitened) of each frame
-    against the query box's descriptor (objret.graph.discovery), the frame's box its OS.EGM region nearest the query.
+  - ``discovery``: the OS.EGM global descriptor of each frame ("Unsupervised object discovery" sec. 3.9)
+    against the query box's descriptor (objret.graph.discovery), the frame's box its OS.EGM region nearest it.
+
+The per-method functions take explicit arguments (a notebook calls them directly); the registry adapts the
+mining parameters to them, so ``objret mine`` and ``objret eval`` call exactly the same function per name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
+from objret.config import METHOD_NAMES, MiningParams
+from objret.errors import ObjretError
 from objret.mining.evidence import Ranking, best_region_per_frame, query_templates, whole_frame_boxes
 from objret.mining.fusion import rank_fused
 from objret.mining.lakemaps import LakeMaps
@@ -23,10 +29,6 @@ from objret.mining.query import QueryObject
 from objret.mining.template_matching import heatmap_for, match_template
 from objret.regions.pooling import gem
 from objret.regions.sources import rmac
-
-
-METHODS = ("fused", "regions", "dtm", "gem", "rmac", "discovery")
-TEMPLATE_METHODS = ("fused", "dtm")   # the methods that match the query's template (and its mirror view)
 
 
 def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: int, scales,
@@ -48,7 +50,7 @@ def rank_gem(query: QueryObject, lake: LakeMaps, *, global_layer: str, gem_p: fl
     return Ranking(lake.stack.frame_ids, scores.astype(np.float32), boxes.astype(np.float32))
 
 
-def rank_regions(query: QueryObject, lake: LakeMaps, *, global_weight: float = 0.0, gem_p: float = 3.0) -> Ranking:
+def rank_regions(query: QueryObject, lake: LakeMaps, *, global_weight: float, gem_p: float) -> Ranking:
     scores, boxes = best_region_per_frame(query, lake)
     if global_weight:
         scores = scores + global_weight * (lake.global_vectors @ gem(query.maps["stride32"], gem_p))
@@ -69,8 +71,6 @@ def rank_discovery(query: QueryObject, lake: LakeMaps) -> Ranking:
     OS.EGM region whose own descriptor is nearest the query's (the whole frame when it has none); frames the
     descriptors do not cover score -2, below any cosine.
     """
-    from objret.errors import ObjretError
-
     d = lake.discovery
     if d is None:
         raise ObjretError("method discovery needs the lake's OS.EGM descriptors: run build-index with "
@@ -86,31 +86,68 @@ def rank_discovery(query: QueryObject, lake: LakeMaps) -> Ranking:
     return Ranking(lake.stack.frame_ids, scores, boxes)
 
 
-def rank(method: str, query: QueryObject, lake: LakeMaps, params, keep_heatmaps: int = 0,
-         diffusion: np.ndarray | None = None) -> Ranking:
-    """Rank every frame of ``lake`` for ``query`` with ``method``; ``params`` is the mining section (+ gem_p).
+@dataclass(frozen=True)
+class RankInputs:
+    """What a method reads besides the query and the lake: the mining parameters and the query's extras."""
 
-    ``diffusion``: per-frame diffusion scores, fused by ``fused`` with weight ``params["diffusion"]["weight"]``.
-    """
-    gem_p = params.get("gem_p", 3.0)
-    if diffusion is not None and method != "fused":
+    mining: MiningParams
+    gem_p: float                          # index.gem_p: the lake's whole-frame GeM vectors were pooled with it
+    keep_heatmaps: int = 0                # heat maps (and evidence) of this many best frames
+    diffusion: np.ndarray | None = None   # per-frame diffusion scores (fused only)
+
+
+Ranker = Callable[[QueryObject, LakeMaps, RankInputs], Ranking]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named ranking function and what candidate selection must know about it."""
+
+    name: str
+    rank: Ranker
+    matches_template: bool = False   # matches the query's template: the query needs its mirror view
+    small_box_every_frame: bool = False   # a box under mining.small_box is matched on every frame: region
+                                          # descriptors cannot shortlist objects of a few cells
+    every_frame: bool = False        # one cheap score a frame: no shortlist at all
+
+
+def _fused(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
+    m = x.mining
+    return rank_fused(query, lake, weights=m.weights, layer=m.layer, template_cells=m.template_cells,
+                      scales=tuple(m.scales), gem_p=x.gem_p, fusion=m.fusion, gate=m.gate,
+                      keep_heatmaps=x.keep_heatmaps, diffusion=x.diffusion, diffusion_weight=m.diffusion.weight)
+
+
+def _regions(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
+    return rank_regions(query, lake, global_weight=x.mining.weights.global_, gem_p=x.gem_p)
+
+
+def _dtm(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
+    m = x.mining
+    return rank_dtm(query, lake, layer=m.layer, template_cells=m.template_cells, scales=tuple(m.scales),
+                    keep_heatmaps=x.keep_heatmaps)
+
+
+METHODS: dict[str, Method] = {method.name: method for method in (
+    Method("fused", _fused, matches_template=True, small_box_every_frame=True),
+    Method("regions", _regions),
+    Method("dtm", _dtm, matches_template=True),
+    Method("gem", lambda query, lake, x: rank_gem(query, lake, global_layer="stride32", gem_p=x.gem_p)),
+    Method("rmac", lambda query, lake, x: rank_rmac(query, lake)),
+    Method("discovery", lambda query, lake, x: rank_discovery(query, lake), every_frame=True),
+)}
+assert tuple(METHODS) == METHOD_NAMES, "objret.config.METHOD_NAMES names the registered methods"
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ObjretError(f"unknown mining method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def rank(method: str, query: QueryObject, lake: LakeMaps, inputs: RankInputs) -> Ranking:
+    """Every frame of ``lake`` ranked for ``query`` by the method named ``method``."""
+    if inputs.diffusion is not None and method != "fused":
         raise ValueError(f"diffusion evidence is fused by the fused method only, not {method!r}")
-    if method == "fused":
-        return rank_fused(query, lake, candidates=int(params.get("rerank", 200)), weights=dict(params["weights"]),
-                          layer=params["layer"], template_cells=params["template_cells"],
-                          scales=tuple(params["scales"]), gem_p=gem_p, keep_heatmaps=keep_heatmaps,
-                          fusion=params.get("fusion", "adaptive"), small_box=float(params.get("small_box", 0.0)),
-                          gate=dict(params.get("gate") or {}), diffusion=diffusion,
-                          diffusion_weight=float((params.get("diffusion") or {}).get("weight", 1.0)))
-    if method == "regions":
-        return rank_regions(query, lake, global_weight=dict(params["weights"]).get("global", 0.0), gem_p=gem_p)
-    if method == "dtm":
-        return rank_dtm(query, lake, layer=params["layer"], template_cells=params["template_cells"],
-                        scales=tuple(params["scales"]), keep_heatmaps=keep_heatmaps)
-    if method == "gem":
-        return rank_gem(query, lake, global_layer="stride32", gem_p=gem_p)
-    if method == "rmac":
-        return rank_rmac(query, lake)
-    if method == "discovery":
-        return rank_discovery(query, lake)
-    raise ValueError(f"unknown mining method {method!r}; choose one of {', '.join(METHODS)}")
+    return get_method(method).rank(query, lake, inputs)

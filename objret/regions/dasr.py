@@ -14,15 +14,15 @@
    rectangle is the region's box.
 5. DASR* keeps the regions by non-maximum suppression at IoU beta (0.3), in order of their peak's X̄ value.
 
-Stopping layer: ``to_layer="stride8"`` by default (the last stride-8 block's output). The paper goes down to
+Stopping layer: ``to_layer`` (regions.dasr.to_layer in params.yaml: stride16). The paper goes down to
 the input pixels; we stop earlier because (a) the normalised image is signed, so the first convolution would
 need the signed reading of eq. 3 rather than eq. 3 itself, (b) the layers below stride 8 run at 4-16x the
 positions and would be the most expensive part of every peak's backward pass, and (c) going further down did
 not give better boxes: on 60 coco_mini images at 320 px (efficientnet_lite0), the mean best IoU of the objects
 covering >= 5% of the image was 0.38 (stride16), 0.38 (stride8), 0.38 (stride4) and 0.40 vs 0.40 for
 "input" vs stride8 on the first 30 images. A stride-8 map (80 x 60 positions for a 640 px frame) is four times
-finer than the stride-32 peaks, enough for a box. "stride16" is as accurate there and about 3x cheaper;
-"stride4" and "input" are available.
+finer than the stride-32 peaks, enough for a box. "stride16" (the last stride-16 block's output) is as accurate
+there and about 3x cheaper; "stride8", "stride4" and "input" are available.
 
 Threshold: tau = 0.2 by default, where the paper uses 0.1: on the same 60 images at stride 8, 0.2 gave a mean
 best IoU of 0.38 vs 0.37 for large objects and 0.13 vs 0.10 for objects of 1-5% of the image (0.1 keeps a
@@ -127,9 +127,9 @@ def nms(regions: list[Region], beta: float) -> list[Region]:
 # DASR regions
 # ---------------------------------------------------------------------------------------------------------------
 
-def dasr_regions(backbone, images: torch.Tensor, *, target_layer: str = "stride32", to_layer: str = "stride8",
+def dasr_regions(backbone, images: torch.Tensor, *, to_layer: str, max_peaks: int, target_layer: str = "stride32",
                  peaks: str = "above_mean", threshold: float = 0.2, nms_beta: float | None = 0.3,
-                 max_peaks: int = 64, max_regions: int = 16, chunk_size: int = 16) -> list[list[Region]]:
+                 max_regions: int = 16, chunk_size: int = 16) -> list[list[Region]]:
     """DASR* (default) or DASR regions of each image of a preprocessed batch (N x 3 x H x W).
 
     ``threshold`` is tau on the max-normalised probability map (the paper uses 0.1, see the module notes);

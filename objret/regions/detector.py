@@ -53,7 +53,7 @@ class BoxProposer:
     class-agnostic (the graph's own floor is 0.01, so lower thresholds change nothing). Not thread-safe (one ``cv2.dnn.Net`` per instance).
     """
 
-    def __init__(self, score_threshold: float = 0.05, max_boxes: int = 50, input_size: int = 300):
+    def __init__(self, score_threshold: float, max_boxes: int, input_size: int = 300):
         if max_boxes < 1:
             raise ObjretError(f"max_boxes must be at least 1, got {max_boxes}")
         if input_size < 32:

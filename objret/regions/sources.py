@@ -15,10 +15,14 @@ Descriptors pool a map inside each box (average and/or max) and are L2-normalise
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from objret.regions.pooling import box_to_cells
+
+if TYPE_CHECKING:
+    from objret.config import RegionsParams
 
 SOURCES = ("whole", "uniform", "egm", "detector", "dasr", "os_egm")   # stored codes index this: append only
 
@@ -124,9 +128,10 @@ def mean_inside(saliency: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def frame_regions(feature_map: np.ndarray, params: dict, *, image_size: tuple[int, int] | None = None,
+def frame_regions(feature_map: np.ndarray, params: RegionsParams, *, image_size: tuple[int, int] | None = None,
                   detections=None, dasr_boxes=None) -> FrameRegions:
-    """The regions of one frame from the sources named in ``params["sources"]``, boxes in map cells.
+    """The regions of one frame from the sources named in ``params.sources`` (params.yaml's ``regions``), boxes
+    in map cells.
 
     ``detections`` (objret.regions.detector, pixels of the frame) and ``dasr_boxes`` (x, y, w, h in pixels of the frame)
     come from sources that need the image; the others work on the map alone. Every region is scored by its
@@ -138,15 +143,14 @@ def frame_regions(feature_map: np.ndarray, params: dict, *, image_size: tuple[in
     map_hw = feature_map.shape[-2:]
     saliency = feature_saliency(feature_map)
     parts = []
-    sources = params.get("sources", ["whole", "uniform"])
+    sources = params.sources
     if "whole" in sources:
         parts.append(whole_region(map_hw))
     if "uniform" in sources:
-        parts.append(uniform_regions(map_hw, int(params.get("uniform_levels", 3))))
+        parts.append(uniform_regions(map_hw, params.uniform_levels))
     if "egm" in sources:
-        egm = params.get("egm", {})
-        found = egm_regions(saliency, sigma=float(egm.get("sigma", 2.5)), tau=float(egm.get("tau", 0.4)),
-                            rho=float(egm.get("rho", 5.0)), purge=float(egm.get("purge", 0.5)))
+        egm = params.egm
+        found = egm_regions(saliency, sigma=egm.sigma, tau=egm.tau, rho=egm.rho, purge=egm.purge)
         parts.append(_regions([[r.x, r.y, r.w, r.h] for r in found], "egm"))
     if "detector" in sources and detections is not None:
         cells = [box_to_cells((d.x, d.y, d.w, d.h), image_size, map_hw) for d in detections]

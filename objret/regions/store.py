@@ -98,5 +98,6 @@ class RegionStore:
 
 
 def params_key(params: dict) -> str:
-    """A short key for the region parameters, so changed parameters get a fresh store."""
+    """A short key for the region parameters (objret.config.RegionsParams.store_key()), so changed parameters get
+    a fresh store."""
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -53,8 +53,8 @@ class Whitening:
             raise ObjretError(f"not a whitening file: {uri} ({exc})") from exc
 
 
-def fit_whitening(descriptors: np.ndarray, dim: int | None = None, shrinkage: float = 0.0) -> Whitening:
-    """PCA-whitening of L2-normalised descriptors; ``shrinkage`` in [0, 1) damps the small eigenvalues
+def fit_whitening(descriptors: np.ndarray, dim: int | None, shrinkage: float = 0.0) -> Whitening:
+    """PCA-whitening of L2-normalised descriptors to ``dim`` dimensions (None: all of them); ``shrinkage`` in [0, 1) damps the small eigenvalues
     (eigenvalue**(1 - shrinkage) in the denominator) so that noise directions are not blown up."""
     x = l2_normalize(np.asarray(descriptors, np.float64))
     if len(x) < 2:

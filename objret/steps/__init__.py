@@ -1,3 +1,3 @@
-"""Steps: a work folder (objret.steps.workspace.Workspace) and params enter; each stage's function runs the
-library over it (ingest, features, regions, whitening, index, graph, discovery, mine, dataset) and records what it did.
+"""Steps: a work folder (objret.steps.workspace.Workspace) and its params enter; each stage's step runs the library over
+it, and what leaves is that stage's artifacts in the folder (lake, cache, regions, index, graph, runs, dataset).
 """

@@ -1,6 +1,7 @@
 """Feature caching and region extraction in chunks of frames, for the workers of a Dask cluster (scale_out).
 
-A worker needs only picklable inputs: the parameters (a plain dict), the work folder (the same path on every
+A worker needs only picklable inputs: the parameters (a plain dict: objret.config.Params.to_dict(), validated again
+by the worker), the work folder (the same path on every
 machine) and a chunk's frame ids. Each chunk holds whole feature shards / region batches of the single-process
 run, so a worker writes the very files the single-process run would (named by their frames, written atomically:
 workers never collide) and the numbers come out the same.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from objret.config import Params
+from objret.config import params_from_dict
 from objret.features.cache import CacheResult, FeatureCache
 from objret.steps import features as features_step
 from objret.steps import regions as regions_step
@@ -23,9 +24,10 @@ def workspace(params: dict, workdir: str) -> Workspace:
     """This thread's Workspace for these parameters, kept between chunks: the backbone is built once per worker.
 
     One per thread: a FeatureCache's shard index is not thread-safe."""
-    key = (str(workdir), Params(params).digest())
+    typed = params_from_dict(params)
+    key = (str(workdir), typed.digest())
     if getattr(_local, "key", None) != key:
-        _local.key, _local.ws = key, Workspace(Params(params), workdir)
+        _local.key, _local.ws = key, Workspace(typed, workdir)
     return _local.ws
 
 
@@ -47,7 +49,7 @@ def feature_chunks(ws: Workspace, chunk_frames: int) -> list[list[str]]:
     """The lake frames not cached yet, in lake order, cut where the single-process run cuts its shards."""
     cached = _cached_ids(ws)
     todo = [f.frame_id for f in ws.lake.frames() if f.frame_id not in cached]
-    return split(todo, chunk_size(int(ws.params.section("features").get("shard_size", 64)), chunk_frames))
+    return split(todo, chunk_size(ws.params.features.shard_size, chunk_frames))
 
 
 def region_chunks(ws: Workspace, chunk_frames: int) -> list[list[str]]:
@@ -55,7 +57,7 @@ def region_chunks(ws: Workspace, chunk_frames: int) -> list[list[str]]:
     batches (the region store reads batches in name order, so equal batches give an equal index)."""
     cached, done = _cached_ids(ws), ws.region_store.stored_ids()
     todo = [f.frame_id for f in ws.lake.frames() if f.frame_id in cached and f.frame_id not in done]
-    return split(todo, chunk_size(int(ws.params.section("regions").get("batch", 256)), chunk_frames))
+    return split(todo, chunk_size(ws.params.regions.batch, chunk_frames))
 
 
 def features_chunk(params: dict, workdir: str, frame_ids: list[str]) -> CacheResult:

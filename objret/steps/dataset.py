@@ -27,7 +27,7 @@ def push_mined(ws: Workspace, report: FailureReport, outcome: MiningOutcome) -> 
         rejected = rejected_frames(str(registry.dataset_dir), report.report_id)   # by a review: never again
         mined_frames = [f for f in mined_frames if f.frame_id not in rejected]
         result = push(str(registry.dataset_dir), report, mined_frames, outcome.provenance,
-                      copy_frames=bool(ws.params.section("dataset").get("copy_frames", True)),
+                      copy_frames=ws.params.dataset.copy_frames,
                       endpoint_url=ws.s3_endpoint_url)
         # Every call: a push that changed nothing maps to the version it already is (and a version a killed
         # run did not record is recorded now).

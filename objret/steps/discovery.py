@@ -45,17 +45,11 @@ def discovery_settings(ws: Workspace, stored_graph) -> dict:
     """What stored descriptors depend on besides the maps: the graph version (its index, whitening, centrality),
     how patches search its nodes, the regions' layer and pooling, the object saliency's and the OS.EGM
     detector's parameters."""
-    from objret.graph.discovery import DEFAULT_OS_EGM
-
-    gp, rp = ws.params.section("graph"), ws.params.section("regions")
-    osp, dp = dict(gp.get("object_saliency") or {}), dict(gp.get("discovery") or {})
+    gp, rp = ws.params.graph, ws.params.regions
     knn = stored_graph.manifest["settings"]["knn"]
     search = "exact" if stored_graph.manifest["stats"]["kind"] == "exact" else f"ivf-nprobe{int(knn['nprobe'])}"
-    return {"graph_version": stored_graph.version, "patch_search": search, "layer": rp.get("layer", "stride32"),
-            "pooling": rp.get("pooling", "avg"),
-            "object_saliency": {"Theta": float(osp.get("Theta", 2.0)), "theta": float(osp.get("theta", 3.0)),
-                                "patch": int(osp.get("patch", 3)), "k": int(osp.get("k", 50))},
-            "egm": {k: float(v) for k, v in {**DEFAULT_OS_EGM, **dict(dp.get("egm") or {})}.items()}}
+    return {"graph_version": stored_graph.version, "patch_search": search, "layer": rp.layer, "pooling": rp.pooling,
+            "object_saliency": gp.object_saliency.model_dump(), "egm": gp.discovery.egm.model_dump()}
 
 
 def discovery(ws: Workspace, progress: bool = True) -> DiscoveryResult:
@@ -116,7 +110,7 @@ def discovery(ws: Workspace, progress: bool = True) -> DiscoveryResult:
         raise ObjretError(f"the feature cache lacks {len(missing)} frames of the region index (first {missing[0]}): "
                           "run build-index")
 
-    egm = settings["egm"]
+    egm = ws.params.graph.discovery.egm
     layer = settings["layer"]
     whitening_obj = ws.load_whitening()
     timings = {"nodes_s": 0.0, "load_s": 0.0, "object_saliency_s": 0.0, "os_egm_s": 0.0, "descriptor_s": 0.0}
@@ -125,7 +119,7 @@ def discovery(ws: Workspace, progress: bool = True) -> DiscoveryResult:
         vectors, region_saliency, _ = graph_nodes(ws, index)
         saliency_of = object_saliency_function(ws, index, stored_graph, vectors, region_saliency)
         timings["nodes_s"] = time.perf_counter() - t
-    chunk_size = max(1, int(ws.params.section("features").get("shard_size", 64)))
+    chunk_size = ws.params.features.shard_size
     for first in tqdm(range(0, len(todo), chunk_size), desc="OS.EGM", unit="part", disable=not progress):
         chunk = todo[first:first + chunk_size]
         t = time.perf_counter()
@@ -184,8 +178,7 @@ def lake_discovery(ws: Workspace, frames: list):
     if stored.manifest["settings"] != discovery_settings(ws, stored_graph):
         raise ObjretError(f"run build-index (or `objret graph`): the OS.EGM descriptors in {discovery_dir(ws)} were "
                           "computed with other parameters (graph.object_saliency, graph.discovery.egm, regions)")
-    return discovery_vectors(stored, frames, ws.params.section("regions").get("layer", "stride32"),
-                             ws.load_whitening())
+    return discovery_vectors(stored, frames, ws.params.regions.layer, ws.load_whitening())
 
 
 def _in_order(arrays: dict[str, np.ndarray], frame_ids: list[str]) -> dict[str, np.ndarray]:

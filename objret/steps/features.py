@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from objret.features.cache import CacheResult, cache_features
-from objret.ingest.lake import load_image
+from objret.ingest.decode import load_image
 from objret.steps.workspace import Workspace
 
 
 def features(ws: Workspace, progress: bool = True, frame_ids: list[str] | None = None) -> CacheResult:
     """Cache the maps of every lake frame not cached yet (``frame_ids``: of these frames only, one chunk of a
     scale-out run, objret.steps.chunks)."""
-    f = ws.params.section("features")
+    f = ws.params.features
     frames = ws.lake.frames()
     if frame_ids is not None:
         wanted = set(frame_ids)
         frames = [frame for frame in frames if frame.frame_id in wanted]
     return cache_features(ws.backbone, ws.cache, frames, lambda uri: load_image(uri, ws.s3_endpoint_url),
-                          shard_size=int(f.get("shard_size", 64)), batch_size=int(f.get("batch_size", 8)),
+                          shard_size=f.shard_size, batch_size=f.batch_size,
                           progress=progress)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from objret.config import GraphParams
 from objret.dataset.contact_sheet import save_png
 from objret.errors import ObjretError
 from objret.index.region_index import RegionIndex, index_version
-from objret.ingest.lake import load_image
-from objret.mining.lakemaps import RegionVectors
+from objret.ingest.decode import load_image
+from objret.regions.encoding import RegionVectors
 from objret.steps.workspace import Workspace
 
 
@@ -55,7 +56,7 @@ def graph(ws: Workspace) -> GraphResult:
     from objret.graph.store import current_version, load_graph, save_graph
 
     start = time.perf_counter()
-    gp = ws.params.section("graph")
+    gp = ws.params.graph
     index_dir = ws.current_index_dir()
     index = RegionIndex.load(index_dir)
     index_current = current_version(index_dir)
@@ -78,16 +79,16 @@ def graph(ws: Workspace) -> GraphResult:
     k = min(int(knn_settings["k"]), n - 1)
     full_nodes = n
     if (previous is not None and _can_refresh(previous, index, vectors, knn_settings, k)
-            and not _outgrown(previous, n, gp.get("rebuild_growth"))):
+            and not _outgrown(previous, n, gp.rebuild_growth)):
         full_nodes = int(previous.manifest.get("full_nodes", previous.nodes))
         built = refresh_region_graph(previous.knn, vectors, beta=float(knn_settings["beta"]),
-                                     recall_sample=int(gp.get("recall_sample", 1000)))
+                                     recall_sample=gp.recall_sample)
         mode, new_nodes = "refresh", n - previous.nodes
     else:
         exact_max = int(knn_settings["exact_max"])
         nprobe = int(knn_settings["nprobe"]) if n <= exact_max else min(int(knn_settings["nprobe"]), default_nlist(n))
         built = build_region_graph(vectors, k=k, beta=float(knn_settings["beta"]), exact_max=exact_max,
-                                   nprobe=nprobe, recall_sample=int(gp.get("recall_sample", 1000)))
+                                   nprobe=nprobe, recall_sample=gp.recall_sample)
         mode, new_nodes = "full", n
     katz = katz_centrality(built.matrix, alpha=float(katz_settings["alpha"]), tol=float(katz_settings["tol"]),
                            max_iter=int(katz_settings["max_iter"]))
@@ -108,13 +109,10 @@ def graph(ws: Workspace) -> GraphResult:
     return _graph_result(stored, mode, new_nodes, time.perf_counter() - start)
 
 
-def graph_settings(gp: dict) -> dict:
+def graph_settings(gp: GraphParams) -> dict:
     """The parameters a stored graph depends on: the k-NN lists' and the centrality's."""
-    cg = gp.get("cg") or {}
-    return {"knn": {"k": int(gp.get("k", 50)), "beta": float(gp.get("beta", 3.0)),
-                    "exact_max": int(gp.get("exact_max", 50_000)), "nprobe": int(gp.get("nprobe", 16))},
-            "katz": {"alpha": float(gp.get("alpha", 0.99)), "tol": float(cg.get("tol", 1e-6)),
-                     "max_iter": int(cg.get("max_iter", 1000))}}
+    return {"knn": {"k": gp.k, "beta": gp.beta, "exact_max": gp.exact_max, "nprobe": gp.nprobe},
+            "katz": {"alpha": gp.alpha, "tol": gp.cg.tol, "max_iter": gp.cg.max_iter}}
 
 
 def graph_nodes(ws: Workspace, index: RegionIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,9 +128,9 @@ def graph_nodes(ws: Workspace, index: RegionIndex) -> tuple[np.ndarray, np.ndarr
     if len(owner) != len(index) or not np.array_equal(owner, index.owner):
         raise ObjretError(f"the region store ({len(owner)} regions) and the region index ({len(index)}) disagree: "
                           "rebuild the index")
-    rp = ws.params.section("regions")
-    encoder = RegionVectors(np.zeros((0, 0), np.float32), owner, np.zeros((0, 4), np.float32),
-                            rp.get("layer", "stride32"), rp.get("pooling", "avg"), ws.load_whitening())
+    rp = ws.params.regions
+    encoder = RegionVectors(np.zeros((0, 0), np.float32), owner, np.zeros((0, 4), np.float32), rp.layer, rp.pooling,
+                            ws.load_whitening())
     vectors = np.ascontiguousarray(encoder.encode(table.descriptors[order]), np.float32)
     if index.active == "flat" and len(index):   # the index keeps its vectors exactly: they must be these
         ids = np.unique(np.linspace(0, len(index) - 1, min(len(index), 32)).round().astype(np.int64))
@@ -188,8 +186,7 @@ def graph_samples(ws: Workspace, out_dir: str | Path, count: int | None = None) 
     from objret.regions.saliency import feature_saliency
     from objret.regions.sources import SOURCES
 
-    gp = ws.params.section("graph")
-    count = int(gp.get("sample_frames", 3) if count is None else count)
+    count = ws.params.graph.sample_frames if count is None else int(count)
     if count <= 0:
         return []
     index_dir = ws.current_index_dir()
@@ -198,7 +195,7 @@ def graph_samples(ws: Workspace, out_dir: str | Path, count: int | None = None) 
     if stored is None or stored.manifest["index"]["current"] != current_version(index_dir):
         raise ObjretError("no region graph for the current region index: run the graph step first")
     vectors, region_saliency, sources = graph_nodes(ws, index)
-    rp = ws.params.section("regions")
+    layer = ws.params.regions.layer
     saliency_of = object_saliency_function(ws, index, stored, vectors, region_saliency)
     frames = {f.frame_id: f for f in ws.lake.frames()}
     owner, boxes = index.owner, index.boxes
@@ -210,7 +207,7 @@ def graph_samples(ws: Workspace, out_dir: str | Path, count: int | None = None) 
         frame = frames.get(fid)
         if frame is None or fid not in ws.cache:
             continue
-        fmap = ws.cache.load([fid], rp.get("layer", "stride32"))[fid].astype(np.float32)
+        fmap = ws.cache.load([fid], layer)[fid].astype(np.float32)
         fs = feature_saliency(fmap)
         os_map = saliency_of(fmap, fs)
         mine = owner == row
@@ -239,14 +236,13 @@ def object_saliency_function(ws: Workspace, index: RegionIndex, stored, vectors:
     ~2.5 s a frame on a 2-core CPU)."""
     from objret.graph.centrality import object_saliency
 
-    osp = dict(ws.params.section("graph").get("object_saliency") or {})
-    pooling = ws.params.section("regions").get("pooling", "avg")
+    osp = ws.params.graph.object_saliency
     whitening_obj = ws.load_whitening()
     search = patch_search(index, stored, vectors)
     settings = dict(whiten=whitening_obj.apply if whitening_obj is not None else None,
-                    k=min(int(osp.get("k", 50)), len(vectors)), beta=float(stored.manifest["settings"]["knn"]["beta"]),
-                    Theta=float(osp.get("Theta", 2.0)), theta=float(osp.get("theta", 3.0)),
-                    patch=int(osp.get("patch", 3)), pooling=pooling, index=search)
+                    k=min(osp.k, len(vectors)), beta=float(stored.manifest["settings"]["knn"]["beta"]),
+                    Theta=osp.Theta, theta=osp.theta, patch=osp.patch, pooling=ws.params.regions.pooling,
+                    index=search)
 
     def compute(feature_map: np.ndarray, frame_saliency: np.ndarray | None = None) -> np.ndarray:
         return object_saliency(feature_map, vectors, stored.centrality, region_saliency,
@@ -262,11 +258,9 @@ def patch_search(index: RegionIndex, stored, vectors: np.ndarray):
     knn = stored.knn
     if knn.kind == "exact":
         return _IndexSearch(index)
-    from objret.graph.knn import (
-        _ivf,  # the graph's own IVF-Flat, built from its stored lists (no training)
-    )
+    from objret.graph.knn_search import ivf as graph_ivf   # the graph's own IVF-Flat, from its stored lists
 
-    ivf = _ivf(knn.centroids, [(np.ascontiguousarray(vectors, np.float32), knn.probes)])
+    ivf = graph_ivf(knn.centroids, [(np.ascontiguousarray(vectors, np.float32), knn.probes)])
     ivf.nprobe = min(int(stored.manifest["settings"]["knn"]["nprobe"]), len(knn.centroids))
     return ivf
 

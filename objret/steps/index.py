@@ -8,7 +8,7 @@ import numpy as np
 
 from objret.errors import ObjretError
 from objret.index.region_index import RegionIndex, index_version
-from objret.mining.lakemaps import region_vectors
+from objret.regions.encoding import region_vectors
 from objret.steps.workspace import Workspace
 
 
@@ -28,11 +28,18 @@ def build_index(ws: Workspace) -> IndexResult:
     """
     whitening_obj = ws.load_whitening()
     directory = ws.current_index_dir()
-    ip = ws.params.section("index")
+    ip, rp = ws.params.index, ws.params.regions
+    recipe = ws.index_recipe()
     try:
         index = RegionIndex.load(directory)
     except ObjretError:
         index = None
+    if index is not None and index.recipe != recipe:
+        if index.recipe:   # the folder is named for the recipe: another one here is a damaged build
+            raise ObjretError(f"the region index in {directory} holds another descriptor recipe ({index.recipe}); "
+                              f"delete the folder to build it again")
+        index.recipe = recipe   # an index saved before recipes were recorded: same folder, same recipe
+        index.save(directory)
     table = ws.region_store.load()
     frames = {f.frame_id: f for f in ws.lake.frames()}
     indexed = set(index.frame_ids) if index is not None else set()
@@ -40,11 +47,9 @@ def build_index(ws: Workspace) -> IndexResult:
     vectors = None
     if new:
         table = table.select(new)
-        vectors = region_vectors(table, [frames[f] for f in new], ws.params.section("regions").get("layer", "stride32"),
-                                 ws.params.section("regions").get("pooling", "avg"), whitening_obj)
+        vectors = region_vectors(table, [frames[f] for f in new], rp.layer, rp.pooling, whitening_obj)
         if index is None:
-            index = RegionIndex(vectors.vectors.shape[1], kind=ip.get("region_kind", "auto"),
-                                flat_max=int(ip.get("flat_max", 200_000)))
+            index = RegionIndex(vectors.vectors.shape[1], kind=ip.region_kind, flat_max=ip.flat_max, recipe=recipe)
         index.add([new[o] for o in vectors.owner], vectors.vectors, vectors.boxes,
                   {"saliency": table.scores[np.argsort(table.owner, kind="stable")]})
         index.save(directory)

@@ -5,26 +5,28 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from objret import storage
+from objret.config import MiningParams
 from objret.dataset.contact_sheet import contact_sheet, save_png
 from objret.errors import ObjretError
 from objret.features.cache import extract_maps
-from objret.index.region_index import index_version
-from objret.ingest.lake import Frame, load_image
+from objret.graph.store import current_version, open_diffusion
+from objret.index.region_index import RegionIndex, index_version
+from objret.ingest.lake import Frame
+from objret.ingest.decode import load_image
 from objret.ingest.roots import resolve_report_frame, workspace_roots
-from objret.mining.methods import TEMPLATE_METHODS, rank
 from objret.mining.dedup import collapse_near_duplicates
+from objret.mining.methods import get_method
 from objret.mining.query import QueryObject, mirrored_view
 from objret.mining.report import FailureReport, check_box_in_frame
 from objret.mining.search import LakeSearch
-from objret.regions.pooling import box_to_cells
-from objret.regions.sources import pool_regions
+from objret.mining.shortlist import QueryRanking, rank_query
 from objret.steps.discovery import lake_discovery
 from objret.steps.workspace import Workspace
 
@@ -42,6 +44,52 @@ class MiningOutcome:
     candidates: int = 0
 
 
+_current: dict[str, LakeSearch] = {}   # one per process: the latest opened, keyed by search_key
+
+
+def search_key(ws: Workspace) -> str:
+    """Changes whenever a new index version is saved or a parameter the loaded maps depend on changes."""
+    directory = ws.current_index_dir()
+    try:
+        version = (directory / "CURRENT").read_text().strip()
+    except OSError as exc:
+        raise ObjretError(f"no region index in {directory}: run build-index first") from exc
+    m = ws.params.mining
+    # Method discovery reads OS.EGM descriptors computed with the graph's parameters: a change of those is a
+    # change of what is loaded.
+    discovery = ws.params.graph.model_dump() if m.method == "discovery" else None
+    return json.dumps([str(Path(directory).resolve()), version, m.layer, m.method, ws.params.index.gem_p, discovery])
+
+
+def open_search(ws: Workspace) -> LakeSearch:
+    """The work folder's LakeSearch: loaded on a process's first report, kept while the index (and the
+    parameters the maps were loaded with) are unchanged. The region index must have been built with the
+    descriptor recipe the current parameters give (backbone, layer, pooling, whitening)."""
+    key = search_key(ws)
+    cached = _current.get("search")
+    if cached is not None and cached.key == key:
+        return cached
+    _current.clear()   # drop the old maps before loading new ones (memory)
+    search = load_search(ws, [ws.params.mining.method])
+    search.key = key
+    _current["search"] = search
+    return search
+
+
+def load_search(ws: Workspace, methods: list[str]) -> LakeSearch:
+    """The work folder's region index and the maps every method in ``methods`` reads (R-MAC vectors for
+    ``rmac``, OS.EGM descriptors for ``discovery``). The index must carry the descriptor recipe the current
+    parameters give (backbone, layer, pooling, whitening)."""
+    m, rp = ws.params.mining, ws.params.regions
+    index = RegionIndex.load(ws.current_index_dir(), recipe=ws.index_recipe())
+    search = LakeSearch.load(index, ws.lake.frames(), ws.cache, ws.region_store, map_layer=m.layer,
+                             gem_p=ws.params.index.gem_p, region_layer=rp.layer, pooling=rp.pooling,
+                             whitening=ws.load_whitening(), with_rmac="rmac" in methods)
+    if "discovery" in methods:
+        search.maps.discovery = lake_discovery(ws, [search.frames[f] for f in search.frame_ids])
+    return search
+
+
 def resolve_query(ws: Workspace, report: FailureReport) -> tuple[Frame | None, np.ndarray | None, str]:
     """The report's frame: a lake frame (by id or URI) or, for an image outside the lake, its pixels: only under
     the lake sources or the work folder (objret.ingest.roots; anything else is a ReportError naming the field)."""
@@ -51,73 +99,89 @@ def resolve_query(ws: Workspace, report: FailureReport) -> tuple[Frame | None, n
     return None, load_image(uri, ws.s3_endpoint_url), uri
 
 
-def query_object(ws: Workspace, report: FailureReport) -> tuple[QueryObject, dict]:
-    frame, pixels, uri = resolve_query(ws, report)
-    layers = ws.backbone.spec.layers
+def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np.ndarray | None = None) -> QueryObject:
+    """The query object of ``box`` on a lake ``frame`` (its cached maps) or on ``pixels`` (maps computed now),
+    with its mirror view when ``method`` matches templates and ``mining.mirror`` is on. ``box`` is checked
+    against the frame (objret.mining.report.check_box_in_frame)."""
     if frame is not None and frame.frame_id in ws.cache:
-        maps = {layer: ws.cache.load([frame.frame_id], layer)[frame.frame_id] for layer in layers}
+        maps = {layer: ws.cache.load([frame.frame_id], layer)[frame.frame_id] for layer in ws.backbone.spec.layers}
         size = (frame.width, frame.height)
     else:
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
         maps = extract_maps(ws.backbone, [("query", pixels)])["query"]
         size = (pixels.shape[1], pixels.shape[0])
-    box = check_box_in_frame(report.box, *size)
-    info = {"uri": uri, "frame_id": frame.frame_id if frame else None, "width": size[0], "height": size[1],
-            "box": list(box), "image_uri": frame.image_uri if frame else uri}
+    box = check_box_in_frame(box, *size)
     query = QueryObject(maps, size, box, frame_id=frame.frame_id if frame else None)
-    m = ws.params.section("mining")
-    if m.get("mirror") and m.get("method", "fused") in TEMPLATE_METHODS:
+    if ws.params.mining.mirror and get_method(method).matches_template:
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
         query.mirror = mirrored_view(ws.backbone, pixels, box)
+    return query
+
+
+def query_object(ws: Workspace, report: FailureReport) -> tuple[QueryObject, dict]:
+    frame, pixels, uri = resolve_query(ws, report)
+    query = frame_query(ws, frame, report.box, ws.params.mining.method, pixels)
+    info = {"uri": uri, "frame_id": query.frame_id, "width": query.image_size[0], "height": query.image_size[1],
+            "box": list(query.box), "image_uri": frame.image_uri if frame else uri}
     return query, info
 
 
-def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningOutcome:
-    """Report -> query template -> candidates from the index -> template matching -> de-duplicated top-K.
+def rank_report_query(ws: Workspace, search: LakeSearch, query: QueryObject, method: str, keep_heatmaps: int = 0,
+                      report: FailureReport | None = None) -> tuple[QueryRanking, dict]:
+    """The one ranking path of ``objret mine`` and ``objret eval``: ``query`` through objret.mining.shortlist
+    with the work folder's parameters, and diffusion evidence when wanted (the report may ask for it)."""
+    m = ws.params.mining
+    enabled, source = diffusion_wanted(m, report)
+    info = {"enabled": enabled, "source": source, "applied": enabled and method == "fused"}
+    diffusion = None
+    if info["applied"]:
+        if search.diffusion is None or search.diffusion.version != current_version(ws.graph_dir()):
+            search.diffusion = open_diffusion(ws.graph_dir(), ws.current_index_dir(), search.index,
+                                              k=m.diffusion.k, alpha=m.diffusion.alpha,
+                                              max_iter=m.diffusion.max_iter)
+        diffusion = search.diffusion
+    elif enabled:
+        info["why_not"] = f"method {method!r} fuses no evidence (diffusion is fused by method 'fused')"
+    result = rank_query(search, query, method, m, gem_p=ws.params.index.gem_p, keep_heatmaps=keep_heatmaps,
+                        diffusion=diffusion)
+    if diffusion is not None:
+        solve = result.diffusion_solve
+        info.update(k=diffusion.k, alpha=diffusion.alpha, max_iter=diffusion.max_iter, beta=diffusion.beta,
+                    weight=m.diffusion.weight, graph_version=diffusion.version,
+                    cg={"iterations": solve.iterations, "residual": solve.residual_norm,
+                        "relative_residual": solve.relative_residual, "converged": solve.converged})
+    return result, info
 
-    The index and the lake's maps come from ``LakeSearch.open``: loaded on a process's first report and kept
+
+def query_ranker(ws: Workspace, search: LakeSearch, frame_of: dict):
+    """``rank_with(method, q)`` for objret.eval.run: a labelled query (its frame's ``key`` into ``frame_of`` and its
+    ``bbox``) through the path of ``objret mine``: frame_query, then rank_report_query."""
+    def rank_with(method: str, q):
+        query = frame_query(ws, search.frames[frame_of[q.key]], q.bbox, method)
+        return rank_report_query(ws, search, query, method)[0].ranking
+
+    return rank_with
+
+
+def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningOutcome:
+    """Report -> query -> candidates from the index -> ranking -> de-duplicated top-K.
+
+    The index and the lake's maps come from ``open_search``: loaded on a process's first report and kept
     for the next ones while the index is unchanged (``timings["open_s"]`` is that load, 0 when warm).
     """
-    m = ws.params.section("mining")
+    m = ws.params.mining
     timings = {}
     t0 = time.perf_counter()
-    search = LakeSearch.open(ws)
+    search = open_search(ws)
     timings["open_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     query, query_info = query_object(ws, report)
-    rp = ws.params.section("regions")
-    fmap = query.maps[rp.get("layer", "stride32")]
-    cells = np.asarray(box_to_cells(query.box, query.image_size, fmap.shape[-2:]), np.float32)
-    vector = search.maps.regions.encode(pool_regions(fmap, cells[None], rp.get("pooling", "avg")))[0]
-    width, height = query.image_size
-    small = query.box[2] * query.box[3] < float(m.get("small_box", 0.0)) * width * height
-    if (m.get("method") == "fused" and small) or m.get("method") == "discovery":
-        # A small object: region descriptors cannot shortlist it, so every indexed frame is template-matched.
-        # Discovery: one global descriptor a frame, every frame scored (a matrix-vector product).
-        rows = search.rows(exclude=query_info["frame_id"])
-    else:
-        rows = search.shortlist(vector, int(m.get("rerank", 200)), exclude=query_info["frame_id"])
-    if not len(rows):
-        raise ObjretError("the index holds no frame to mine besides the query: ingest a lake first")
-    candidates = len(rows)   # frames mined (the query's own never is)
-    if candidates == len(search.frames_but(query_info["frame_id"])):
-        # Every frame: rank the resident lake as it is (a subset would gather every map again) and drop the
-        # query's own frame from the ranking below.
-        rows = np.arange(len(search.frame_ids))
-    lake_maps = search.maps if len(rows) == len(search.frame_ids) else search.maps.subset(rows)
-    if m.get("method") == "discovery":
-        lake_maps = replace(lake_maps, discovery=lake_discovery(ws, [search.frames[f] for f in search.frame_ids]
-                                                                ).subset(rows))   # a copy: search stays as loaded
     timings["query_s"] = time.perf_counter() - t1
 
-    top_k = int(m.get("top_k", 50))
-    method = m.get("method", "dtm")
-    diffusion_info, diffusion_scores = _diffusion_evidence(ws, report, search, vector, rows, method, timings)
-
     t2 = time.perf_counter()
-    ranking = rank(method, query, lake_maps, {**m, "rerank": len(rows),
-                                              "gem_p": ws.params.section("index").get("gem_p", 3.0)},
-                   keep_heatmaps=top_k * 4, diffusion=diffusion_scores)
+    result, diffusion_info = rank_report_query(ws, search, query, m.method, keep_heatmaps=m.top_k * 4,
+                                               report=report)
+    ranking = result.ranking
     timings["rank_s"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
@@ -128,7 +192,7 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
         frame = search.frames[ranking.frame_ids[i]]
         ranked.append({**asdict(frame), "score": float(ranking.scores[i]),
                        "box": [float(v) for v in ranking.boxes[i]], "evidence": ranking.evidence.get(frame.frame_id, {})})
-    kept = collapse_near_duplicates(ranked, int(m.get("dedup_frames", 10)), float(m.get("dedup_iou", 0.3)))[:top_k]
+    kept = collapse_near_duplicates(ranked, m.dedup_frames, m.dedup_iou)[:m.top_k]
     by_id = {r["frame_id"]: r for r in ranked}
     for item in kept:   # what the review page shows of a collapsed group
         item["duplicate_frames"] = [{k: by_id[f][k] for k in ("frame_id", "image_uri", "frame_index", "time_s",
@@ -142,10 +206,10 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
         if heat is not None:
             item["heatmap"] = _save_heatmap(heat, item, run_dir)
     provenance = {"backbone": ws.backbone.spec.cache_key(), "index_version": index_version(sorted(search.index.frame_ids)),
-                  "method": method, "diffusion": {k: v for k, v in diffusion_info.items() if k != "cg"}}
+                  "method": m.method, "diffusion": {k: v for k, v in diffusion_info.items() if k != "cg"}}
     mined_json = run_dir / "mined.json"
     storage.write_bytes(str(mined_json), json.dumps({"report": report.to_dict(), "query": query_info,
-                                                     "method": method, "provenance": provenance,
+                                                     "method": m.method, "provenance": provenance,
                                                      "diffusion": diffusion_info, "mined": kept}, indent=1).encode())
     sheet = run_dir / "contact_sheet.png"
     save_png(_contact_sheet(ws, query_info, kept[:20], report), str(sheet))
@@ -153,37 +217,15 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
     timings["outputs_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t0
     return MiningOutcome(report.report_id, query_info, kept, provenance, str(run_dir), str(sheet), str(mined_json),
-                         timings, candidates)
+                         timings, result.candidates)
 
 
-def diffusion_wanted(mining_params: dict, report: FailureReport | None = None) -> tuple[bool, str]:
+def diffusion_wanted(mining: MiningParams, report: FailureReport | None = None) -> tuple[bool, str]:
     """Whether this mining run fuses diffusion evidence, and who said so: the report's ``mining.diffusion``
     when it has one, else params.yaml's ``mining.diffusion.enabled``."""
     if report is not None and report.diffusion is not None:
         return bool(report.diffusion), "report"
-    return bool((mining_params.get("diffusion") or {}).get("enabled", False)), "params"
-
-
-def _diffusion_evidence(ws: Workspace, report: FailureReport, search: LakeSearch, vector: np.ndarray,
-                        rows: np.ndarray, method: str, timings: dict) -> tuple[dict, np.ndarray | None]:
-    """Per-frame diffusion scores of the shortlisted ``rows`` (None when off) and what to record about them."""
-    m = ws.params.section("mining")
-    enabled, source = diffusion_wanted(m, report)
-    info = {"enabled": enabled, "source": source, "applied": enabled and method == "fused"}
-    if not info["applied"]:
-        if enabled:
-            info["why_not"] = f"method {method!r} fuses no evidence (diffusion is fused by method 'fused')"
-        return info, None
-    t = time.perf_counter()
-    d = dict(m.get("diffusion") or {})
-    diffusion = search.diffusion(ws, d)
-    scores, solve = diffusion.scores(vector, search.graph_rows(diffusion)[rows])
-    timings["diffusion_s"] = time.perf_counter() - t
-    info.update(k=diffusion.k, alpha=diffusion.alpha, max_iter=diffusion.max_iter, beta=diffusion.beta,
-                weight=float(d.get("weight", 1.0)), graph_version=diffusion.version,
-                cg={"iterations": solve.iterations, "residual": solve.residual_norm,
-                    "relative_residual": solve.relative_residual, "converged": solve.converged})
-    return info, scores
+    return mining.diffusion.enabled, "params"
 
 
 def _save_heatmap(heat: np.ndarray, item: dict, run_dir: Path) -> str:

@@ -17,8 +17,8 @@ def whitening(ws: Workspace) -> str | None:
     Fitted once, and fitted again when the regions grew by ``refit_growth`` since (a new whitening is a new
     index: build_index then rebuilds it).
     """
-    w = ws.params.section("regions").get("whitening", {})
-    if not w.get("enabled"):
+    w = ws.params.regions.whitening
+    if not w.enabled:
         (ws.root / "whitening").mkdir(exist_ok=True)   # the folder all the same: a DVC stage's output
         return None
     table = ws.region_store.load()
@@ -30,14 +30,14 @@ def whitening(ws: Workspace) -> str | None:
         # The record is written before the whitening: one that names another version is a fit a kill cut short.
         if record is None or record.get("version") == current.version():
             fitted_on = record["regions"] if record else len(table.descriptors)
-            growth = w.get("refit_growth")
-            if growth is None or len(table.descriptors) < fitted_on * (1 + float(growth)):
+            growth = w.refit_growth
+            if growth is None or len(table.descriptors) < fitted_on * (1 + growth):
                 return current.version()
     sample = table.descriptors
-    limit = int(w.get("max_samples", 200_000))
+    limit = w.max_samples
     if len(sample) > limit:  # a seeded sample: the fit is stable long before millions of regions
         sample = sample[np.random.default_rng(0).choice(len(sample), limit, replace=False)]
-    fitted = fit_whitening(sample, int(w.get("dim", 256)), float(w.get("shrinkage", 0.0)))
+    fitted = fit_whitening(sample, w.dim, w.shrinkage)
     # Record first, whitening second: a kill in between leaves a record the whitening does not match (refitted
     # next time), never a whitening without its record.
     storage.write_bytes(str(fit_record), json.dumps({"regions": len(table.descriptors),

@@ -15,7 +15,7 @@ from objret.ingest.lake import Lake
 class Workspace:
     def __init__(self, params: Params, root: str | Path | None = None):
         self.params = params
-        self.root = Path(root or params.get("workdir") or ".objret").resolve()
+        self.root = Path(root or params.workdir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
     @cached_property
@@ -24,9 +24,8 @@ class Workspace:
 
     @cached_property
     def backbone(self) -> Backbone:
-        f = self.params.section("features")
-        return build_backbone(f.get("backbone", "efficientnet_lite2"), tuple(f.get("layers", ("stride16", "stride32"))),
-                              int(f.get("max_side", 640)), f.get("resnet50_weights"))
+        f = self.params.features
+        return build_backbone(f.backbone, tuple(f.layers), f.max_side, f.resnet50_weights)
 
     @cached_property
     def cache(self) -> FeatureCache:
@@ -40,21 +39,20 @@ class Workspace:
     def region_store(self):
         from objret.regions.store import RegionStore, params_key
 
-        rp = self.params.section("regions")
-        key = params_key({k: rp.get(k) for k in ("layer", "sources", "uniform_levels", "pooling", "egm", "detector", "dasr")})
+        key = params_key(self.params.regions.store_key())
         return RegionStore(self.root / "regions" / f"{self.backbone.spec.cache_key()}-{key}")
 
     @property
     def whitening_path(self) -> Path:
-        w = self.params.section("regions").get("whitening", {})
-        return self.root / "whitening" / f"{self.region_store.dir.name}-d{w.get('dim', 256)}-s{w.get('shrinkage', 0.0)}.npz"
+        w = self.params.regions.whitening
+        return self.root / "whitening" / f"{self.region_store.dir.name}-d{w.dim}-s{w.shrinkage}.npz"
 
     def load_whitening(self):
         """The fitted whitening when enabled (None when disabled); enabled but not fitted is an error."""
         from objret.errors import ObjretError
         from objret.regions.whitening import Whitening
 
-        if not self.params.section("regions").get("whitening", {}).get("enabled"):
+        if not self.params.regions.whitening.enabled:
             return None
         if not self.whitening_path.exists():
             raise ObjretError("whitening is enabled but not fitted: run build-index")
@@ -64,6 +62,13 @@ class Workspace:
         """The region index matching the current regions and whitening parameters."""
         whitening = self.load_whitening()
         return self.index_dir / f"regions-{self.region_store.dir.name}-{whitening.version() if whitening else 'l2'}"
+
+    def index_recipe(self) -> dict:
+        """How the region index's vectors are made, written into its manifest and checked when it is opened."""
+        whitening = self.load_whitening()
+        rp = self.params.regions
+        return {"backbone": self.backbone.spec.cache_key(), "layer": rp.layer, "pooling": rp.pooling,
+                "regions": self.region_store.dir.name, "whitening": whitening.version() if whitening else None}
 
     def graph_dir(self) -> Path:
         """The region graph of the current region index: the same sub-path under ``graph/`` as under ``index/``."""
@@ -84,15 +89,15 @@ class Workspace:
         """The DVC repository that versions the retraining dataset (its working copy is the dataset folder)."""
         from objret.dataset.registry import DatasetRegistry
 
-        dp = self.params.section("dataset")
-        return DatasetRegistry(dp.get("registry") or self.root / "datasets", remote=dp.get("dvc_remote"),
+        dp = self.params.dataset
+        return DatasetRegistry(dp.registry or self.root / "datasets", remote=dp.dvc_remote,
                                endpoint_url=self.s3_endpoint_url)
 
     @property
     def dataset_root(self) -> str:
         """Where the dataset's users read it: dataset.root (each version published there), else the registry's
         working copy."""
-        return self.params.section("dataset").get("root") or str(self.dataset_registry.dataset_dir)
+        return self.params.dataset.root or str(self.dataset_registry.dataset_dir)
 
     @property
     def reviews_root(self) -> str:
@@ -100,17 +105,17 @@ class Workspace:
         (beside the registry's working copy, not in it: a page is no part of the versioned dataset)."""
         from objret import storage
 
-        root = self.params.section("dataset").get("root")
+        root = self.params.dataset.root
         return storage.join(root, "reviews") if root else str(self.dataset_registry.root / "reviews")
 
     @property
     def s3_endpoint_url(self) -> str | None:
-        return self.params.section("lake").get("s3_endpoint_url")
+        return self.params.lake.s3_endpoint_url
 
     @property
     def tracking_uri(self) -> str:
         """tracking.mlflow_uri, else the MLFLOW_TRACKING_URI environment variable, else the work folder's SQLite."""
-        return (self.params.section("tracking").get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        return (self.params.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
                 or f"sqlite:///{self.root / 'mlflow.db'}")
 
     @property

@@ -11,7 +11,7 @@ import torch
 from objret.features import backbone as backbone_module
 from objret.features.backbone import Preprocessing, build_backbone, preprocess, resized_shape
 from objret.errors import ObjretError
-from objret.ingest.lake import load_image
+from objret.ingest.decode import load_image
 
 
 
@@ -33,7 +33,7 @@ LITE = {
 
 @pytest.fixture(scope="module")
 def lite0():
-    return build_backbone("efficientnet_lite0", max_side=256)
+    return build_backbone("efficientnet_lite0", layers=("stride16", "stride32"), max_side=256)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def lite0_classifier(lite0):
 @pytest.mark.parametrize("name", sorted(LITE))
 def test_lite_maps_have_documented_channels_and_ceil_sizes(name):
     c16, c32, _, _ = LITE[name]
-    backbone = build_backbone(name, max_side=256)
+    backbone = build_backbone(name, layers=("stride16", "stride32"), max_side=256)
     assert backbone.spec.name == name
     assert backbone.spec.channels == {"stride16": c16, "stride32": c32}
     # Input sides that are not multiples of the strides: the maps are ceil(side / stride) ("same" padding).
@@ -126,9 +126,9 @@ def test_packaged_weights_classify_real_photos(bench_dir, lite0_classifier):
 
 def test_unknown_backbone_and_layer_raise_objret_error():
     with pytest.raises(ObjretError, match="vgg16"):
-        build_backbone("vgg16")
+        build_backbone("vgg16", layers=("stride16", "stride32"), max_side=640)
     with pytest.raises(ObjretError, match="stride4"):
-        build_backbone("efficientnet_lite0", layers=("stride16", "stride4"))
+        build_backbone("efficientnet_lite0", layers=("stride16", "stride4"), max_side=640)
 
 
 def test_resnet50_missing_weights_file_names_it_without_downloading(tmp_path, monkeypatch):
@@ -138,7 +138,7 @@ def test_resnet50_missing_weights_file_names_it_without_downloading(tmp_path, mo
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
     missing = tmp_path / "nowhere" / "resnet50.pth"
     with pytest.raises(ObjretError) as info:
-        build_backbone("resnet50", max_side=256, resnet50_weights=str(missing))
+        build_backbone("resnet50", layers=("stride16", "stride32"), max_side=256, resnet50_weights=str(missing))
     message = str(info.value)
     assert str(missing) in message
     assert "not found" in message

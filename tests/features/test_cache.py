@@ -18,8 +18,9 @@ from objret.features import cache as features_module
 from objret.features.backbone import build_backbone, resized_shape
 from objret.errors import ObjretError
 from objret.features.cache import FeatureCache, cache_features, extract_maps
-from objret.ingest.lake import Lake, load_image
+from objret.ingest.lake import Lake
 from tests.helpers.sigkill import run_killed, sigkill_at_call
+from objret.ingest.decode import load_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,7 +53,7 @@ def ingested(tmp_path_factory, bench_dir):
     jpeg = (bench_dir / BENCH_FILES[0]).read_bytes()
     (folder / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 3])  # a cut-off download
     lake = Lake(tmp_path_factory.mktemp("lake"))
-    result = lake.ingest(str(folder), progress=False)
+    result = lake.ingest(str(folder), every_n=1, progress=False)
     return lake, result, folder
 
 

@@ -167,16 +167,16 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
     hits_before = [[(h.frame_id, h.score, h.region_id) for h in before.best_frames(q, 24)] for q in probes]
 
     # A process mining many reports loads the index and the maps once ...
-    from objret.mining.search import LakeSearch
+    from objret.steps.mine import open_search
 
-    search = LakeSearch.open(ws)
-    assert LakeSearch.open(ws) is search and len(search.frame_ids) == 24
+    search = open_search(ws)
+    assert open_search(ws) is search and len(search.frame_ids) == 24
     assert len(search.maps.stack) == 24 and search.maps.stack.maps.shape[1] > 0
 
     result = build_index_flow(sources=[str(pets_video), str(pets_video_2)], overrides=SMALL, workdir=str(workdir))
     assert [r["added"] for r in result["ingest"]] == [0, 4]
     # ... and again once the index has a new version.
-    grown = LakeSearch.open(ws)
+    grown = open_search(ws)
     assert grown is not search and len(grown.frame_ids) == 28 and len(grown.maps.stack) == 28
     assert result["features"]["computed"] == 4 and result["features"]["already_cached"] == 24
     assert result["regions"]["extracted"] == 4 and result["regions"]["already_stored"] == 24
@@ -190,7 +190,7 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
     graph = result["graph"]
     assert graph["mode"] == "refresh" and graph["new_nodes"] == new_regions
     assert graph["nodes"] == first["graph"]["nodes"] + new_regions == result["index"]["regions"]
-    from objret.steps import graph as graph_step, mine as mine_step, whitening as whitening_step
+    from objret.steps import graph as graph_step
     from objret.graph.store import load_graph
     from objret.graph.knn import build_region_graph
 
@@ -250,7 +250,7 @@ def test_build_index_flow_builds_the_region_graph_and_logs_it(built):
     import numpy as np
     from PIL import Image
 
-    from objret.steps import graph as graph_step, mine as mine_step, whitening as whitening_step
+    from objret.steps import graph as graph_step
     from objret.config import load_params
     from objret.dataset.contact_sheet import CAPTION_HEIGHT, PAD, TITLE_HEIGHT
     from objret.errors import ObjretError
@@ -301,7 +301,8 @@ def test_build_index_flow_builds_the_region_graph_and_logs_it(built):
 
     # Diffusion refuses a graph folder with no graph in it, saying what to run.
     with pytest.raises(ObjretError, match="run build-index"):
-        open_diffusion(workdir / "no-graph", ws.current_index_dir(), index, {})
+        d = ws.params.mining.diffusion
+        open_diffusion(workdir / "no-graph", ws.current_index_dir(), index, k=d.k, alpha=d.alpha, max_iter=d.max_iter)
 
 
 def _report(tmp_path, bench_dir, report_id: str, **extra) -> Path:
@@ -316,7 +317,7 @@ def _report(tmp_path, bench_dir, report_id: str, **extra) -> Path:
 
 def test_mine_flow_fuses_diffusion_when_the_report_asks_for_it(built, bench_dir, tmp_path):
     from flows.mine import mine_flow
-    from objret.steps import graph as graph_step, mine as mine_step, whitening as whitening_step
+    from objret.steps import mine as mine_step
     from objret.config import load_params
     from objret.mining.report import load_report
     from objret.steps.workspace import Workspace
@@ -417,7 +418,7 @@ def test_refresh_policies_refit_whitening_and_rebuild_the_graph_once_the_lake_ha
     import shutil
 
     from flows.build_index import build_index_flow
-    from objret.steps import graph as graph_step, mine as mine_step, whitening as whitening_step
+    from objret.steps import whitening as whitening_step
     from objret.config import load_params
     from objret.steps.workspace import Workspace
 

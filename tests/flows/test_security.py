@@ -173,7 +173,7 @@ def test_pickles_dropped_in_a_lake_folder_are_not_ingested(tmp_path):
     (folder / "evil.jpg").write_bytes(pickle.dumps(Payload(marker)))
     evil_npy(folder / "evil.npy", marker)
     (folder / "evil.pt").write_bytes(pickle.dumps(Payload(marker)))
-    result = Lake(tmp_path / "lake").ingest(str(folder), progress=False)
+    result = Lake(tmp_path / "lake").ingest(str(folder), every_n=1, progress=False)
     assert result.added == 1
     assert [uri for uri, _ in result.errors] == [str(folder / "evil.jpg")]   # .npy / .pt are no frames at all
     assert not marker.exists()
@@ -200,7 +200,7 @@ def lake_roots(tmp_path):
     (source / "out").symlink_to(outside)                       # a link that leaves the source
     (source / "in.png").symlink_to(source / "cam" / "a.png")   # a link that stays inside
     lake = Lake(work / "lake")
-    lake.ingest(str(source / "cam"), progress=False)
+    lake.ingest(str(source / "cam"), every_n=1, progress=False)
     return lake, source, work, outside, [str(work), str(source)]
 
 
@@ -254,7 +254,7 @@ def test_the_mining_query_reads_nothing_outside_the_roots(lake_roots, monkeypatc
     extra = source / "extra"   # a source ingested from the command line only, not in params.yaml
     extra.mkdir()
     Image.new("RGB", (64, 48), (5, 5, 5)).save(extra / "e.png")
-    ws.lake.ingest(str(extra), progress=False)
+    ws.lake.ingest(str(extra), every_n=1, progress=False)
     assert set(workspace_roots(ws)) == {str(work), str(source / "cam"), str(extra)}
     reads = []
     real_read = storage.read_bytes

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from objret import storage
+from objret.config import EgmParams
 from objret.graph import discovery as disc
 from objret.errors import ObjretError
 from objret.regions.sources import SOURCES, FrameRegions
@@ -19,6 +20,8 @@ from tests.helpers.sigkill import run_killed, sigkill_at_call
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
+OS_EGM = EgmParams(sigma=2.0, tau=0.0, rho=2.0, purge=0.5)   # 003 sec. 4.2's values for object saliency
 
 
 def blob(h, w, cx, cy, s):
@@ -35,7 +38,7 @@ def test_os_egm_boxes_the_two_objects_of_an_object_saliency_map():
     S = 1.0 * blob(h, w, *centres[0], 1.5) + 0.6 * blob(h, w, *centres[1], 2.0)
     S[S < 0.02] = 0.0
     fmap = np.random.default_rng(0).standard_normal((16, h, w)).astype(np.float32)
-    regions = disc.os_egm_regions(fmap, S, {"sigma": 2.0, "tau": 0.0, "rho": 2.0, "purge": 0.5})
+    regions = disc.os_egm_regions(fmap, S, OS_EGM)
     assert isinstance(regions, FrameRegions) and len(regions) >= 2
     assert (regions.sources == SOURCES.index("os_egm")).all() and SOURCES[-1] == "os_egm"
     boxes = regions.boxes
@@ -51,9 +54,9 @@ def test_os_egm_boxes_the_two_objects_of_an_object_saliency_map():
     x, y, bw, bh = boxes[0]
     assert x <= centres[0][0] <= x + bw and y <= centres[0][1] <= y + bh
     # Nothing salient: no region; a map of another size: refused.
-    assert len(disc.os_egm_regions(fmap, np.zeros((h, w)), None)) == 0
+    assert len(disc.os_egm_regions(fmap, np.zeros((h, w)), OS_EGM)) == 0
     with pytest.raises(ObjretError, match="does not match"):
-        disc.os_egm_regions(fmap, S[:-1], None)
+        disc.os_egm_regions(fmap, S[:-1], OS_EGM)
 
 
 # ---- the 3.9 descriptor ------------------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ def test_descriptor_is_max_pool_l2_sum_then_l2_or_whitening():
     # The query side: its box is the only region, and equals that region's own vector.
     np.testing.assert_allclose(disc.query_descriptor(A, boxes[1], white), per_region[1], atol=1e-6)
     with pytest.raises(ObjretError, match="whitening takes"):
-        disc.discovery_descriptor(A, boxes, fit_whitening(rng.standard_normal((50, 12))))
+        disc.discovery_descriptor(A, boxes, fit_whitening(rng.standard_normal((50, 12)), dim=None))
 
 
 def test_rank_discovery_scores_by_descriptor_and_boxes_by_the_nearest_region():
@@ -106,9 +109,12 @@ def test_rank_discovery_scores_by_descriptor_and_boxes_by_the_nearest_region():
 
     from objret.mining.template_matching import MapStack
     from objret.mining.lakemaps import LakeMaps
-    from objret.mining.methods import rank
+    from objret.config import load_params
+    from objret.mining.methods import RankInputs, rank
     from objret.mining.query import QueryObject
 
+    params = load_params(None, ["mining.method=discovery"])
+    inputs = RankInputs(params.mining, gem_p=params.index.gem_p)
     rng = np.random.default_rng(2)
     maps = [rng.random((8, 6, 8)).astype(np.float32) for _ in range(4)]
     # Frame 2 holds the query's pattern in its second region.
@@ -131,7 +137,7 @@ def test_rank_discovery_scores_by_descriptor_and_boxes_by_the_nearest_region():
     qmap = rng.random((8, 6, 8)).astype(np.float32)
     qmap[:, 1:3, 1:3] += pattern[:, None, None]
     query = QueryObject({"stride32": qmap}, (160, 120), (20, 20, 40, 40), frame_id="q")
-    ranking = rank("discovery", query, lake, {})
+    ranking = rank("discovery", query, lake, inputs)
     q = disc.query_descriptor(qmap, [1, 1, 2, 2])
     np.testing.assert_allclose(ranking.scores, [per_frame[f].descriptor @ q for f in per_frame], atol=1e-5)
     # Frame 2's box: its region holding the pattern, in pixels (20 px a cell); frame 1 (no region): the frame.
@@ -139,9 +145,9 @@ def test_rank_discovery_scores_by_descriptor_and_boxes_by_the_nearest_region():
     np.testing.assert_allclose(ranking.boxes[1], [0, 0, 160, 120])
     # A subset keeps frames and their regions together.
     sub = lake.subset([2, 0])
-    np.testing.assert_allclose(rank("discovery", query, sub, {}).boxes[0], [80, 60, 60, 40])
+    np.testing.assert_allclose(rank("discovery", query, sub, inputs).boxes[0], [80, 60, 60, 40])
     with pytest.raises(ObjretError, match="OS.EGM descriptors"):
-        rank("discovery", query, LakeMaps(lake.stack, lake.global_vectors), {})
+        rank("discovery", query, LakeMaps(lake.stack, lake.global_vectors), inputs)
 
 
 def test_patch_search_follows_the_graphs_ivf_lists():
@@ -181,7 +187,7 @@ SMALL = ["features.backbone=efficientnet_lite0", "features.max_side=320", "featu
 @pytest.fixture(scope="module")
 def workspace(bench_dir, tmp_path_factory, one_torch_thread):
     """8 real TUD-Campus frames, their features, regions, index and region graph (Lite0 at 320 px)."""
-    from objret.steps import discovery as discovery_step, features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, mine as mine_step, regions as regions_step
+    from objret.steps import discovery as discovery_step, features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, regions as regions_step
     from objret.config import load_params
     from objret.steps.workspace import Workspace
 
@@ -200,7 +206,7 @@ def workspace(bench_dir, tmp_path_factory, one_torch_thread):
 
 
 def test_discovery_step_stores_every_indexed_frame_and_a_second_run_does_nothing(workspace):
-    from objret.steps import discovery as discovery_step, features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, mine as mine_step, regions as regions_step
+    from objret.steps import discovery as discovery_step, graph as graph_step
     from objret.index.region_index import RegionIndex
     from objret.regions.saliency import feature_saliency
 
@@ -239,8 +245,7 @@ def test_discovery_step_stores_every_indexed_frame_and_a_second_run_does_nothing
     saliency_of = graph_step.object_saliency_function(ws, index, load_graph(ws.graph_dir()), vectors, saliency)
     for fid in (index.frame_ids[0], index.frame_ids[5]):
         fmap = ws.cache.load([fid], "stride32")[fid].astype(np.float32)
-        regions = disc.os_egm_regions(fmap, saliency_of(fmap, feature_saliency(fmap)),
-                                      {"sigma": 2.0, "tau": 0.0, "rho": 2.0, "purge": 0.5})
+        regions = disc.os_egm_regions(fmap, saliency_of(fmap, feature_saliency(fmap)), ws.params.graph.discovery.egm)
         kept = stored.frame(fid)
         np.testing.assert_allclose(kept.regions.boxes, regions.boxes, atol=1e-4)
         np.testing.assert_allclose(kept.descriptor, disc.discovery_descriptor(fmap, regions), atol=1e-5)
@@ -263,7 +268,7 @@ def test_discovery_step_stores_every_indexed_frame_and_a_second_run_does_nothing
 
 
 def test_mining_a_report_with_method_discovery(workspace):
-    from objret.steps import discovery as discovery_step, features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, mine as mine_step, regions as regions_step
+    from objret.steps import discovery as discovery_step, mine as mine_step
     from objret.config import load_params
     from objret.index.region_index import RegionIndex
     from objret.mining.report import FailureReport
@@ -300,7 +305,7 @@ def test_build_index_flow_runs_discovery_after_the_graph_and_logs_it(workspace, 
     import mlflow
 
     from flows.build_index import build_index_flow
-    from objret.steps import discovery as discovery_step, features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, mine as mine_step, regions as regions_step
+    from objret.steps import discovery as discovery_step
 
     ws, _, folder = workspace
     off = build_index_flow(sources=[str(folder)], overrides=SMALL + ["graph.discovery.enabled=false"],
@@ -328,7 +333,7 @@ def test_eval_with_method_discovery_builds_index_graph_and_descriptors(bench_dir
     """`objret eval --methods discovery,...` on a bench-format folder (14 PETS 2009 frames, 1 instance query whose
     gallery holds frames without the person, so that a ranking can be told from a random one)."""
     from flows.evaluate import evaluate_flow
-    from objret.steps import discovery as discovery_step, features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, mine as mine_step, regions as regions_step
+    from objret.steps import discovery as discovery_step
     from objret.eval.bench import load_bench
     from objret.config import load_params
     from objret.steps.workspace import Workspace
@@ -364,7 +369,7 @@ def test_eval_with_method_discovery_builds_index_graph_and_descriptors(bench_dir
 
 
 def test_discovery_step_without_an_index_says_what_to_run(tmp_path):
-    from objret.steps import discovery as discovery_step, features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, mine as mine_step, regions as regions_step
+    from objret.steps import discovery as discovery_step
     from objret.config import load_params
     from objret.steps.workspace import Workspace
 

@@ -17,8 +17,9 @@ from PIL import Image, ImageFile
 from objret.ingest import lake as lake_module
 from objret import storage
 from objret.errors import BadFrameError, ObjretError, StoreError
-from objret.ingest.lake import Lake, load_image
+from objret.ingest.lake import Lake
 from tests.helpers.sigkill import run_killed, sigkill_at_call
+from objret.ingest.decode import load_image
 
 VIDEO_FRAMES = 20
 VIDEO_FPS = 10.0
@@ -64,7 +65,7 @@ def video(tmp_path_factory, bench_images) -> Path:
 def video_ids(tmp_path_factory, video) -> list[str]:
     """The ids of every frame of the video, from a clean ingest."""
     lake = Lake(tmp_path_factory.mktemp("clean_video_lake"))
-    assert lake.ingest(str(video), progress=False).added == VIDEO_FRAMES
+    assert lake.ingest(str(video), every_n=1, progress=False).added == VIDEO_FRAMES
     return [frame.frame_id for frame in lake.frames()]
 
 
@@ -73,7 +74,7 @@ def video_ids(tmp_path_factory, video) -> list[str]:
 
 def test_folder_ingest_records_content_ids_and_sizes(tmp_path, image_folder):
     lake = Lake(tmp_path / "lake")
-    result = lake.ingest(str(image_folder), progress=False)
+    result = lake.ingest(str(image_folder), every_n=1, progress=False)
 
     expected = sorted(str(p) for p in image_folder.rglob("*") if p.suffix.lower() in {".jpg", ".png"})
     assert (result.added, result.skipped, result.errors) == (6, 0, [])
@@ -96,16 +97,16 @@ def test_folder_ingest_records_content_ids_and_sizes(tmp_path, image_folder):
 
 def test_reingest_adds_nothing_and_new_files_add_themselves(tmp_path, image_folder, bench_images):
     lake = Lake(tmp_path / "lake")
-    lake.ingest(str(image_folder), progress=False)
+    lake.ingest(str(image_folder), every_n=1, progress=False)
     version = lake.version()
 
-    again = Lake(tmp_path / "lake").ingest(str(image_folder), progress=False)  # a new process, same root
+    again = Lake(tmp_path / "lake").ingest(str(image_folder), every_n=1, progress=False)  # a new process, same root
     assert (again.added, again.skipped, again.errors) == (0, 6, [])
     assert lake.version() == version
 
     shutil.copy(bench_images[10], image_folder / "new.jpg")
     shutil.copy(bench_images[0], image_folder / "sub" / "same_pixels_other_name.jpg")
-    result = lake.ingest(str(image_folder), progress=False)
+    result = lake.ingest(str(image_folder), every_n=1, progress=False)
     assert (result.added, result.skipped) == (1, 7)  # the copy is already present under its first name
     assert len(lake) == 7
     assert lake.frames()[-1].uri == str(image_folder / "new.jpg")
@@ -120,7 +121,7 @@ def test_corrupt_and_empty_images_are_reported_and_skipped(tmp_path, image_folde
     (image_folder / "empty.png").write_bytes(b"")
     lake = Lake(tmp_path / "lake")
 
-    result = lake.ingest(str(image_folder), progress=False)
+    result = lake.ingest(str(image_folder), every_n=1, progress=False)
 
     assert result.added == 6
     errors = dict(result.errors)
@@ -136,13 +137,13 @@ def test_corrupt_and_empty_images_are_reported_and_skipped(tmp_path, image_folde
 def test_single_image_file_and_bad_sources(tmp_path, image_folder):
     lake = Lake(tmp_path / "lake")
     image = image_folder / "sub" / "frame.png"
-    assert lake.ingest(str(image), progress=False).added == 1
+    assert lake.ingest(str(image), every_n=1, progress=False).added == 1
     assert lake.frames()[0].source == str(image)
 
     with pytest.raises(StoreError, match="no_such_folder"):
-        lake.ingest(str(tmp_path / "no_such_folder"), progress=False)
+        lake.ingest(str(tmp_path / "no_such_folder"), every_n=1, progress=False)
     with pytest.raises(ObjretError, match="notes.txt"):
-        lake.ingest(str(image_folder / "notes.txt"), progress=False)
+        lake.ingest(str(image_folder / "notes.txt"), every_n=1, progress=False)
     with pytest.raises(ObjretError, match="every_n"):
         lake.ingest(str(image_folder), every_n=0, progress=False)
 
@@ -154,9 +155,9 @@ def test_get_unknown_frame_raises_a_key_error(tmp_path):
 
 
 def test_progress_bar_can_be_switched_off(tmp_path, image_folder, capfd):
-    Lake(tmp_path / "quiet").ingest(str(image_folder), progress=False)
+    Lake(tmp_path / "quiet").ingest(str(image_folder), every_n=1, progress=False)
     assert capfd.readouterr().err == ""
-    Lake(tmp_path / "loud").ingest(str(image_folder), progress=True)
+    Lake(tmp_path / "loud").ingest(str(image_folder), every_n=1, progress=True)
     assert "6/6" in capfd.readouterr().err
 
 
@@ -194,13 +195,13 @@ def test_video_every_n_frames_stored_once_as_jpeg(tmp_path, video):
 
 def test_video_fps_sampling(tmp_path, video):
     lake = Lake(tmp_path / "lake")
-    result = lake.ingest(str(video), fps=4.0, progress=False)
+    result = lake.ingest(str(video), every_n=1, fps=4.0, progress=False)
     # ticks every 0.25 s on a 10 fps video: the first frame at or after each tick
     assert [f.frame_index for f in lake.frames()] == [0, 3, 5, 8, 10, 13, 15, 18]
     assert [f.time_s for f in lake.frames()] == pytest.approx([0, 0.3, 0.5, 0.8, 1.0, 1.3, 1.5, 1.8])
     assert result.added == 8
 
-    faster_than_video = Lake(tmp_path / "all").ingest(str(video), fps=25.0, progress=False)
+    faster_than_video = Lake(tmp_path / "all").ingest(str(video), every_n=1, fps=25.0, progress=False)
     assert faster_than_video.added == VIDEO_FRAMES
 
 
@@ -221,7 +222,7 @@ def test_truncated_video_keeps_the_frames_before_the_cut(tmp_path, video, video_
     cut.write_bytes(data[: len(data) // 2])
     lake = Lake(tmp_path / "lake")
 
-    result = lake.ingest(str(cut), progress=False)
+    result = lake.ingest(str(cut), every_n=1, progress=False)
 
     [(uri, message)] = result.errors
     assert uri == str(cut)
@@ -233,7 +234,7 @@ def test_truncated_video_keeps_the_frames_before_the_cut(tmp_path, video, video_
     assert [f.frame_id for f in lake.frames()] == video_ids[: decoded - 1]
     assert result.added == decoded - 1
 
-    again = lake.ingest(str(cut), progress=False)  # still reported, nothing lost, nothing doubled
+    again = lake.ingest(str(cut), every_n=1, progress=False)  # still reported, nothing lost, nothing doubled
     assert (again.added, again.skipped, len(again.errors)) == (0, decoded - 1, 1)
     assert len(lake) == decoded - 1
 
@@ -250,7 +251,7 @@ def test_unreadable_videos_are_reported(tmp_path, video, bench_images):
     lake = Lake(tmp_path / "lake")
 
     for bad in (mp4, not_a_video):
-        result = lake.ingest(str(bad), progress=False)
+        result = lake.ingest(str(bad), every_n=1, progress=False)
         assert result.added == 0
         assert result.errors == [(str(bad), f"{bad}: cannot open video")]
     assert len(lake) == 0
@@ -258,7 +259,7 @@ def test_unreadable_videos_are_reported(tmp_path, video, bench_images):
 
 def test_find_by_exact_uri_video_index_and_relative_name(tmp_path, image_folder, video, bench_images):
     lake = Lake(tmp_path / "lake")
-    lake.ingest(str(image_folder), progress=False)
+    lake.ingest(str(image_folder), every_n=1, progress=False)
     lake.ingest(str(video), every_n=2, progress=False)
 
     by_index = lake.find(str(video), 4)
@@ -277,7 +278,7 @@ def test_find_by_exact_uri_video_index_and_relative_name(tmp_path, image_folder,
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(bench_images[12], other / name)  # same file name, other pixels
-    lake.ingest(str(other), progress=False)
+    lake.ingest(str(other), every_n=1, progress=False)
     with pytest.raises(ObjretError, match="ambiguous"):
         lake.find(name)
     assert lake.find(f"other/{name}").frame_id == sha256_of(bench_images[12])
@@ -291,19 +292,19 @@ def test_find_by_exact_uri_video_index_and_relative_name(tmp_path, image_folder,
 
 def test_killed_folder_ingest_resumes_to_a_clean_runs_manifest(tmp_path, image_folder):
     clean = Lake(tmp_path / "clean")
-    clean.ingest(str(image_folder), progress=False)
+    clean.ingest(str(image_folder), every_n=1, progress=False)
 
     lake = Lake(tmp_path / "lake")
 
     def run():   # killed as it reads the 6th image: two batches of 2 committed, the third half-built
         lake_module.BATCH_SIZE = 2
         sigkill_at_call(lake_module, "_image_frame", 6)
-        lake.ingest(str(image_folder), progress=False)
+        lake.ingest(str(image_folder), every_n=1, progress=False)
 
     run_killed(run)
     assert len(lake) == 4  # two committed batches survive; the half-built third is gone
 
-    result = lake.ingest(str(image_folder), progress=False)
+    result = lake.ingest(str(image_folder), every_n=1, progress=False)
     assert (result.added, result.skipped) == (2, 4)
     assert lake.frames() == clean.frames()
     assert lake.version() == clean.version()
@@ -315,18 +316,18 @@ def test_killed_video_ingest_resumes_to_a_clean_runs_manifest(tmp_path, video, v
     def run():   # killed as it stores the 8th frame: two batches of 3 committed
         lake_module.BATCH_SIZE = 3
         sigkill_at_call(Lake, "_store_video_frame", 8)
-        lake.ingest(str(video), progress=False)
+        lake.ingest(str(video), every_n=1, progress=False)
 
     run_killed(run)
     assert len(lake) == 6
     with sqlite3.connect(tmp_path / "lake" / "manifest.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM sources").fetchone()[0] == 0  # not complete
 
-    result = lake.ingest(str(video), progress=False)
+    result = lake.ingest(str(video), every_n=1, progress=False)
     assert (result.added, result.skipped, result.errors) == (14, 6, [])
     assert [f.frame_id for f in lake.frames()] == video_ids
     assert [f.frame_index for f in lake.frames()] == list(range(VIDEO_FRAMES))
-    assert lake.ingest(str(video), progress=False).skipped == VIDEO_FRAMES
+    assert lake.ingest(str(video), every_n=1, progress=False).skipped == VIDEO_FRAMES
 
 
 # ---- S3 (a real SeaweedFS on loopback) -----------------------------------------------------------------
@@ -351,7 +352,7 @@ def s3_images(s3_store, bench_images) -> str:
 
 def test_s3_prefix_ingest_matches_local_ids(tmp_path, s3_images, bench_images):
     lake = Lake(tmp_path / "lake")
-    result = lake.ingest(s3_images, progress=False)
+    result = lake.ingest(s3_images, every_n=1, progress=False)
 
     assert result.added == 4
     [(uri, message)] = result.errors
@@ -366,13 +367,13 @@ def test_s3_prefix_ingest_matches_local_ids(tmp_path, s3_images, bench_images):
     assert np.array_equal(load_image(frames[0].uri), np.asarray(Image.open(bench_images[0]).convert("RGB")))
     assert lake.find("b/LAST.JPG") == frames[3]
 
-    again = lake.ingest(s3_images + "/", progress=False)
+    again = lake.ingest(s3_images + "/", every_n=1, progress=False)
     assert (again.added, again.skipped) == (0, 4)
-    one_video = lake.ingest("s3://objret-lake/cams/clip.mp4", progress=False)
+    one_video = lake.ingest("s3://objret-lake/cams/clip.mp4", every_n=1, progress=False)
     assert (one_video.added, [u for u, _ in one_video.errors]) == (0, ["s3://objret-lake/cams/clip.mp4"])
 
     local = Lake(tmp_path / "local")
-    local.ingest(str(bench_images[0]), progress=False)
+    local.ingest(str(bench_images[0]), every_n=1, progress=False)
     assert local.frames()[0].frame_id == frames[0].frame_id
 
 
@@ -380,8 +381,8 @@ def test_s3_endpoint_given_as_argument(tmp_path, s3_images, s3_store, monkeypatc
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     storage.s3_client.cache_clear()
     lake = Lake(tmp_path / "lake")
-    assert lake.ingest(s3_images, endpoint_url=s3_store.endpoint_url, progress=False).added == 4
-    assert lake.ingest("s3://objret-lake/elsewhere/other.jpg", endpoint_url=s3_store.endpoint_url,
+    assert lake.ingest(s3_images, every_n=1, endpoint_url=s3_store.endpoint_url, progress=False).added == 4
+    assert lake.ingest("s3://objret-lake/elsewhere/other.jpg", every_n=1, endpoint_url=s3_store.endpoint_url,
                        progress=False).added == 1
 
 
@@ -390,13 +391,13 @@ def test_s3_wrong_credentials_raise_a_store_error(tmp_path, s3_images, monkeypat
     storage.s3_client.cache_clear()
     lake = Lake(tmp_path / "lake")
     with pytest.raises(StoreError, match=r"cannot list s3://objret-lake/cams: .*SignatureDoesNotMatch"):
-        lake.ingest(s3_images, progress=False)
+        lake.ingest(s3_images, every_n=1, progress=False)
     assert len(lake) == 0
 
 
 def test_s3_missing_prefix_raises_a_store_error(tmp_path, s3_images):
     with pytest.raises(StoreError, match="nothing under s3://objret-lake/no_such_prefix"):
-        Lake(tmp_path / "lake").ingest("s3://objret-lake/no_such_prefix", progress=False)
+        Lake(tmp_path / "lake").ingest("s3://objret-lake/no_such_prefix", every_n=1, progress=False)
 
 
 def test_s3_unreachable_endpoint_raises_a_store_error(tmp_path, monkeypatch):
@@ -413,7 +414,7 @@ def test_s3_unreachable_endpoint_raises_a_store_error(tmp_path, monkeypatch):
     closed_port = _closed_port()
     lake = Lake(tmp_path / "lake")
     with pytest.raises(StoreError, match=f"cannot list s3://bucket/prefix: .*127.0.0.1:{closed_port}"):
-        lake.ingest("s3://bucket/prefix", endpoint_url=f"http://127.0.0.1:{closed_port}", progress=False)
+        lake.ingest("s3://bucket/prefix", every_n=1, endpoint_url=f"http://127.0.0.1:{closed_port}", progress=False)
     assert len(lake) == 0
 
 
@@ -459,14 +460,14 @@ def test_bad_files_in_a_lake_folder_are_reported_and_skipped_the_rest_ingested(t
                                                                                bench_images, video, video_ids,
                                                                                monkeypatch):
     lake = Lake(tmp_path / "lake")
-    assert lake.ingest(str(image_folder), progress=False).added == 6
+    assert lake.ingest(str(image_folder), every_n=1, progress=False).added == 6
     before = lake.frames()
     expected = write_bad_files(image_folder, bench_images, video)
     decoded = []   # sizes of the images whose pixels were decoded
     real_load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (decoded.append(self.size), real_load(self))[1])
 
-    result = lake.ingest(str(image_folder), progress=False)
+    result = lake.ingest(str(image_folder), every_n=1, progress=False)
 
     errors = dict(result.errors)
     assert sorted(errors) == sorted(str(image_folder / name) for name in expected)
@@ -481,7 +482,7 @@ def test_bad_files_in_a_lake_folder_are_reported_and_skipped_the_rest_ingested(t
     assert [f.frame_id for f in lake.frames()[6:]] == video_ids[:cut_frames]
     assert {f.source for f in lake.frames()[6:]} == {str(image_folder / "cut.avi")}
 
-    again = lake.ingest(str(image_folder), progress=False)   # reported again, nothing lost or doubled
+    again = lake.ingest(str(image_folder), every_n=1, progress=False)   # reported again, nothing lost or doubled
     assert (again.added, again.skipped, sorted(dict(again.errors))) == (0, 6 + cut_frames, sorted(errors))
     assert len(lake) == 6 + cut_frames
     print(f"\nbad-input lake folder: {len(errors)} bad files reported and skipped, {6 + cut_frames} frames ingested "

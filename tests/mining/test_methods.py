@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -11,11 +12,14 @@ import torch
 
 from objret.features.backbone import build_backbone
 from objret.features.cache import extract_maps
-from objret.ingest.lake import load_image
+from objret.ingest.decode import load_image
 from objret.mining.template_matching import MapStack
 from objret.boxes import iou_xywh
 from objret.mining.lakemaps import LakeMaps
-from objret.mining.methods import QueryObject, rank
+from objret.config import load_params
+from objret.errors import ObjretError
+from objret.mining.methods import RankInputs, rank
+from objret.mining.query import QueryObject
 from objret.mining.dedup import collapse_near_duplicates
 from objret.regions.pooling import gem
 
@@ -114,7 +118,7 @@ def lake_maps(bench_dir):
         "zebra": "coco_mini/images/000000000034.jpg",
     }
     images = {fid: load_image(str(bench_dir / path)) for fid, path in files.items()}
-    backbone = build_backbone("efficientnet_lite0", max_side=256)
+    backbone = build_backbone("efficientnet_lite0", layers=("stride16", "stride32"), max_side=256)
     maps = extract_maps(backbone, list(images.items()), device=torch.device("cpu"))
     ids = list(files)
     sizes = [(img.shape[1], img.shape[0]) for img in images.values()]
@@ -129,12 +133,13 @@ def lake_maps(bench_dir):
     return query, LakeMaps(stack, vectors), sizes, same_person_later
 
 
-PARAMS = {"layer": "stride16", "template_cells": 3, "scales": [0.5, 1.0, 2.0], "gem_p": 3.0}
+PARAMS = RankInputs(load_params(overrides=["mining.layer=stride16", "mining.template_cells=3",
+                                           "mining.scales=[0.5, 1.0, 2.0]"]).mining, gem_p=3.0)
 
 
-def test_rank_unknown_method_raises_value_error(lake_maps):
+def test_an_unknown_method_is_refused_with_the_known_ones(lake_maps):
     query, lake, _, _ = lake_maps
-    with pytest.raises(ValueError, match="sift"):
+    with pytest.raises(ObjretError, match="unknown mining method 'sift'; choose one of fused, regions, dtm, gem, rmac"):
         rank("sift", query, lake, PARAMS)
 
 
@@ -155,7 +160,7 @@ def test_rank_gem_returns_whole_frame_boxes_and_cosine_scores(lake_maps):
 
 def test_rank_dtm_finds_the_pedestrian_scene_and_keeps_heatmaps(lake_maps):
     query, lake, _, later = lake_maps
-    ranking = rank("dtm", query, lake, PARAMS, keep_heatmaps=2)
+    ranking = rank("dtm", query, lake, dataclasses.replace(PARAMS, keep_heatmaps=2))
     order = [ranking.frame_ids[i] for i in ranking.order()]
     assert order[:2] == ["tud14", "tud16"]
     assert ranking.scores[1] > ranking.scores[2:].max() + 0.2

@@ -10,7 +10,7 @@ import torch
 
 from objret.features.backbone import build_backbone
 from objret.features.cache import extract_maps
-from objret.ingest.lake import load_image
+from objret.ingest.decode import load_image
 from objret.mining.template_matching import MapStack, heatmap_for, match_template
 from objret.boxes import iou_xywh
 from objret.regions.pooling import box_template, box_to_cells, gem

@@ -17,7 +17,7 @@ from objret.boxes import iou_xywh as box_iou
 from objret.regions.dasr import dasr_regions, find_peaks
 from objret.regions.excitation import excitation_backprop, fold_batchnorm
 from objret.errors import ObjretError
-from objret.ingest.lake import load_image
+from objret.ingest.decode import load_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -163,7 +163,7 @@ def test_unhandled_layer_types_are_refused():
 
 @pytest.fixture(scope="module")
 def lite0():
-    return build_backbone("efficientnet_lite0", max_side=320)
+    return build_backbone("efficientnet_lite0", layers=("stride16", "stride32"), max_side=320)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_dasr_star_finds_the_large_object_of_real_photos(lite0, coco):
         truth = [v * scale for v in bbox]
         assert box_iou((0, 0, width, height), truth) < 0.3  # a whole-frame box would not pass
 
-        (regions,) = dasr_regions(lite0, x)
+        (regions,) = dasr_regions(lite0, x, to_layer="stride8", max_peaks=64)
 
         assert 1 <= len(regions) <= 16
         best = max(box_iou(r.box, truth) for r in regions)
@@ -212,7 +212,7 @@ def test_dasr_star_finds_the_large_object_of_real_photos(lite0, coco):
 
 
 def test_backward_passes_are_one_per_chunk_and_chunking_changes_nothing(monkeypatch, coco):
-    backbone = build_backbone("efficientnet_lite0", max_side=192)
+    backbone = build_backbone("efficientnet_lite0", layers=("stride16", "stride32"), max_side=192)
     image, _ = _largest_object(coco, OBJECTS[0])
     x = preprocess(image, backbone.spec.preprocessing)
     batch = torch.stack([x, x.flip(-1)])  # two different images of one size
@@ -230,11 +230,11 @@ def test_backward_passes_are_one_per_chunk_and_chunking_changes_nothing(monkeypa
         return real_grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
-    chunked = dasr_regions(backbone, batch, max_peaks=max_peaks, chunk_size=chunk, nms_beta=None)
+    chunked = dasr_regions(backbone, batch, to_layer="stride8", max_peaks=max_peaks, chunk_size=chunk, nms_beta=None)
     assert len(calls) == sum(math.ceil(n / chunk) for n in n_peaks) < sum(n_peaks)
 
     # The peaks of a chunk share activations but not probabilities: one peak per pass gives the same regions.
-    single = dasr_regions(backbone, batch, max_peaks=max_peaks, chunk_size=1, nms_beta=None)
+    single = dasr_regions(backbone, batch, to_layer="stride8", max_peaks=max_peaks, chunk_size=1, nms_beta=None)
     assert len(calls) == sum(math.ceil(n / chunk) for n in n_peaks) + sum(n_peaks)
     for a, b in zip(chunked, single):
         assert [r.peak for r in a] == [r.peak for r in b]
@@ -245,8 +245,8 @@ def test_backward_passes_are_one_per_chunk_and_chunking_changes_nothing(monkeypa
 def test_bad_arguments_are_refused(lite0):
     x = torch.zeros(1, 3, 64, 64)
     with pytest.raises(ObjretError, match="to_layer"):
-        dasr_regions(lite0, x, to_layer="stride2")
+        dasr_regions(lite0, x, to_layer="stride2", max_peaks=64)
     with pytest.raises(ObjretError, match="below"):
-        dasr_regions(lite0, x, target_layer="stride16", to_layer="stride16")
+        dasr_regions(lite0, x, target_layer="stride16", to_layer="stride16", max_peaks=64)
     with pytest.raises(ObjretError, match="peaks"):
         dasr.find_peaks(torch.zeros(3, 3), "everywhere")

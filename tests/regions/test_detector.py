@@ -26,7 +26,7 @@ def _iou(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def proposer():
-    return BoxProposer()
+    return BoxProposer(score_threshold=0.05, max_boxes=50)
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,11 @@ def test_boxes_inside_image_sorted_and_capped(proposer, large_objects, proposals
 def test_higher_threshold_gives_fewer_boxes(large_objects, proposals):
     # the image with the most proposals at the default threshold (the zebra, first by id, has a single one)
     (image, _), loose = max(zip(large_objects, proposals), key=lambda pair: len(pair[1]))
-    strict = BoxProposer(score_threshold=0.3).propose(image)
+    strict = BoxProposer(score_threshold=0.3, max_boxes=50).propose(image)
     assert 0 < len(strict) < len(loose)
     # Greedy NMS only lets higher-scored boxes suppress a box, so the strict set is the top of the loose one.
     assert strict == [d for d in loose if d.score >= 0.3]
-    assert BoxProposer(max_boxes=3).propose(image) == loose[:3]
+    assert BoxProposer(score_threshold=0.05, max_boxes=3).propose(image) == loose[:3]
 
 
 def test_batch_equals_single(proposer, large_objects, proposals):
@@ -118,4 +118,4 @@ def test_degenerate_images(proposer):
 def test_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("objret.regions.detector._PACKAGE", "objret_no_such_detector_package")
     with pytest.raises(ObjretError, match="not installed"):
-        BoxProposer()
+        BoxProposer(score_threshold=0.05, max_boxes=50)

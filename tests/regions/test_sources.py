@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from objret.config import load_params
 from objret.features.backbone import build_backbone
 from objret.regions.detector import Detection
 from objret.regions.egm import egm_regions
 from objret.features.cache import extract_maps
-from objret.ingest.lake import load_image
+from objret.ingest.decode import load_image
 from objret.regions.pooling import box_to_cells
 from objret.regions.sources import (SOURCES, FrameRegions, cells_to_pixels, frame_regions, mean_inside, pool_regions,
                             uniform_regions, whole_region)
@@ -35,6 +36,11 @@ def real_maps(bench_dir):
     backbone = build_backbone("efficientnet_lite0", layers=("stride16", "stride32"), max_side=320)
     maps = extract_maps(backbone, list(images.items()), device=torch.device("cpu"))
     return {k: {"image": images[k], **maps[k]} for k in images}
+
+
+def regions_params(*assignments: str):
+    """params.yaml's ``regions`` section with ``key=value`` assignments (validated as --set is)."""
+    return load_params(None, [f"regions.{a}" for a in assignments]).regions
 
 
 def _cells(box) -> tuple[int, int, int, int]:
@@ -201,8 +207,8 @@ def test_mean_inside_by_hand():
 def test_frame_regions_whole_uniform_egm_on_a_real_map(real_maps):
     fmap = real_maps["pets"]["stride32"]
     h, w = fmap.shape[-2:]
-    params = {"sources": ["whole", "uniform", "egm"], "uniform_levels": 3,
-              "egm": {"sigma": 2.5, "tau": 0.4, "rho": 5.0, "purge": 0.5}}
+    params = regions_params("sources=[whole, uniform, egm]", "uniform_levels=3",
+                            "egm={sigma: 2.5, tau: 0.4, rho: 5.0, purge: 0.5}")
     regions = frame_regions(fmap, params)
     saliency = feature_saliency(fmap)
     expected_egm = egm_regions(saliency, sigma=2.5, tau=0.4, rho=5.0, purge=0.5)
@@ -225,9 +231,9 @@ def test_frame_regions_whole_uniform_egm_on_a_real_map(real_maps):
     # Every box lies inside the map.
     b = regions.boxes
     assert (b[:, :2] >= -1e-5).all() and (b[:, 0] + b[:, 2] <= w + 1e-4).all() and (b[:, 1] + b[:, 3] <= h + 1e-4).all()
-    # Default sources are whole + uniform.
-    default = frame_regions(fmap, {})
-    assert len(default) == 1 + n_uniform and set(default.sources.tolist()) == {0, 1}
+    # The sources are params.yaml's alone (no default in the code): whole + uniform only.
+    plain = frame_regions(fmap, regions_params("sources=[whole, uniform]"))
+    assert len(plain) == 1 + n_uniform and set(plain.sources.tolist()) == {0, 1}
 
 
 def test_frame_regions_convert_detections_from_pixels_to_cells(real_maps, bench_dir):
@@ -242,7 +248,7 @@ def test_frame_regions_convert_detections_from_pixels_to_cells(real_maps, bench_
     assert len(gt) >= 3
     detections = [Detection(*box, score=0.9, label=1) for box in gt]
 
-    params = {"sources": ["whole", "detector"]}
+    params = regions_params("sources=[whole, detector]")
     regions = frame_regions(fmap, params, image_size=size, detections=detections)
     assert len(regions) == 1 + len(gt)
     assert regions.sources.tolist() == [SOURCES.index("whole")] + [SOURCES.index("detector")] * len(gt)
@@ -255,9 +261,9 @@ def test_frame_regions_convert_detections_from_pixels_to_cells(real_maps, bench_
     assert ((regions.scores >= 0) & (regions.scores <= 1)).all()
     # Named as a source but no detections passed: no detector regions; passed but not named: ignored.
     assert len(frame_regions(fmap, params, image_size=size)) == 1
-    assert len(frame_regions(fmap, {"sources": ["whole"]}, image_size=size, detections=detections)) == 1
+    assert len(frame_regions(fmap, regions_params("sources=[whole]"), image_size=size, detections=detections)) == 1
     # DASR boxes (pixels) go the same way.
-    dasr = frame_regions(fmap, {"sources": ["dasr"]}, image_size=size, dasr_boxes=gt[:2])
+    dasr = frame_regions(fmap, regions_params("sources=[dasr]"), image_size=size, dasr_boxes=gt[:2])
     assert dasr.sources.tolist() == [SOURCES.index("dasr")] * 2
     np.testing.assert_allclose(dasr.boxes, cells[:2], rtol=1e-6)
 

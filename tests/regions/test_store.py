@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from objret import storage
+from objret.config import load_params
 from objret.features.backbone import build_backbone
 from objret.features.cache import extract_maps
-from objret.ingest.lake import load_image
+from objret.ingest.decode import load_image
 from objret.regions.store import RegionStore, RegionTable, params_key
 from objret.regions.sources import SOURCES, frame_regions, pool_regions
 
@@ -37,7 +38,7 @@ def per_frame(bench_dir):
     out = {}
     for fid, _ in images:
         fmap = maps[fid]["stride32"]
-        regions = frame_regions(fmap, {"sources": ["whole", "uniform"]})
+        regions = frame_regions(fmap, load_params(None, ["regions.sources=[whole, uniform]"]).regions)
         out[fid] = (regions, pool_regions(fmap, regions.boxes, "avg"), tuple(fmap.shape[-2:]))
     return out
 
@@ -120,7 +121,7 @@ def test_two_batches_load_as_one_table(per_frame, tmp_path):
 def test_frames_without_regions_keep_their_row(per_frame, tmp_path):
     """A frame whose sources found nothing (e.g. only the detector, no boxes) still counts as stored."""
     blank = np.zeros((320, 8, 10), np.float16)
-    empty = frame_regions(blank, {"sources": ["egm"]})  # an all-zero map has no salient region
+    empty = frame_regions(blank, load_params(None, ["regions.sources=[egm]"]).regions)  # no salient region on zeros
     assert len(empty) == 0
     store = RegionStore(tmp_path)
     store.write({"blank": (empty, pool_regions(blank, empty.boxes), (8, 10)),
@@ -170,4 +171,10 @@ def test_params_key_follows_the_parameters():
     assert len(key) == 10 and key == params_key(dict(reversed(list(base.items()))))  # key order does not matter
     assert params_key({**base, "pooling": "max"}) != key
     assert params_key({**base, "sources": ["whole", "uniform", "egm"]}) != key
+    # The Workspace keys its store by RegionsParams.store_key(): what the stored regions depend on only.
+    params = load_params()
+    stored = params_key(params.regions.store_key())
+    assert params_key(params.replace("regions.pooling=max").regions.store_key()) != stored
+    assert params_key(params.replace("regions.egm.sigma=3.0").regions.store_key()) != stored
+    assert params_key(params.replace("regions.batch=8", "regions.whitening.enabled=true").regions.store_key()) == stored
     assert SOURCES.index("whole") == 0  # stored source codes index this tuple: never reorder it

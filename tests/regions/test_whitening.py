@@ -12,7 +12,7 @@ import torch
 from objret.features.backbone import build_backbone
 from objret.errors import ObjretError, StoreError
 from objret.features.cache import extract_maps
-from objret.ingest.lake import load_image
+from objret.ingest.decode import load_image
 from objret.regions.store import RegionStore
 from objret.regions.sources import FrameRegions, pool_regions, uniform_regions, whole_region
 from objret.regions.whitening import Whitening, fit_whitening, l2_normalize, load_if_exists
@@ -169,4 +169,4 @@ def test_a_file_that_is_not_a_whitening_is_refused(descriptors, tmp_path):
     with pytest.raises(StoreError):  # a StoreError is an ObjretError too
         Whitening.load(str(tmp_path / "missing.npz"))
     with pytest.raises(ObjretError, match="two descriptors"):
-        fit_whitening(descriptors[0][:1])
+        fit_whitening(descriptors[0][:1], dim=None)

@@ -106,7 +106,7 @@ def test_the_chunks_ran_on_both_workers(single_and_dask):
 
 def test_a_failed_chunk_fails_the_step_by_name_and_a_rerun_resumes(prefect_server, cluster_address, lake_folder,
                                                                     tmp_path):
-    from objret.steps import features as features_step, index as index_step, ingest as ingest_step, regions as regions_step
+    from objret.steps import ingest as ingest_step
     from objret.errors import ObjretError
     from tasks import scale_out
 
@@ -134,19 +134,23 @@ def test_a_failed_chunk_fails_the_step_by_name_and_a_rerun_resumes(prefect_serve
 
 
 def test_the_task_runner_follows_the_scale_out_params(monkeypatch):
+    from objret.config import load_params
     from tasks import scale_out
 
-    runner = scale_out.task_runner({"address": "tcp://10.0.0.5:8786", "n_workers": 4})
+    def so(*assignments: str):
+        return load_params(None, [f"scale_out.{a}" for a in assignments]).scale_out
+
+    runner = scale_out.task_runner(so("address=tcp://10.0.0.5:8786", "n_workers=4"))
     assert runner.address == "tcp://10.0.0.5:8786" and not runner.cluster_kwargs
 
     monkeypatch.setattr(scale_out, "visible_gpus", lambda: [])
-    runner = scale_out.task_runner({"n_workers": 2, "threads_per_worker": 1})
+    runner = scale_out.task_runner(so("n_workers=2", "threads_per_worker=1"))
     assert runner.cluster_class is None
     assert runner.cluster_kwargs == {"n_workers": 2, "threads_per_worker": 1, "processes": True,
                                      "dashboard_address": ":0"}
 
     monkeypatch.setattr(scale_out, "visible_gpus", lambda: ["2", "3"])   # CUDA_VISIBLE_DEVICES=2,3
-    runner = scale_out.task_runner({"n_workers": None})
+    runner = scale_out.task_runner(so("n_workers=null"))
     assert runner.cluster_class is scale_out.gpu_cluster
     assert runner.cluster_kwargs == {"gpus": ["2", "3"], "threads_per_worker": 1}   # one worker per GPU
-    assert scale_out.task_runner({"n_workers": 3}).cluster_kwargs["gpus"] == ["2", "3", "2"]   # round robin
+    assert scale_out.task_runner(so("n_workers=3")).cluster_kwargs["gpus"] == ["2", "3", "2"]   # round robin

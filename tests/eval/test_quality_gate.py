@@ -1,0 +1,48 @@
+"""The quality gate: `objret eval` with the default parameters over the shipped bench subset (tests/data/bench:
+class queries, small pasted objects, video instances), through the production mining path.
+
+Each group's mAP must stay within TOLERANCE of the stored baseline (tests/data/quality_baseline.json), so a
+change that halves the default method's quality, or moves it at all, fails here; and the default method must
+stay at or above whole-image GeM on every group. A deliberate change of the figures updates the baseline:
+OBJRET_UPDATE_QUALITY_BASELINE=1 bash scripts/test.sh tests/eval/test_quality_gate.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+BENCH = DATA / "bench"
+BASELINE = DATA / "quality_baseline.json"
+GROUPS = ("class", "paste_visible", "video_instance")
+TOLERANCE = 0.015   # mAP; same code and data on another CPU moves a group by far less (float summation order)
+
+
+@pytest.mark.slow
+def test_default_method_holds_its_figures_and_stays_above_gem(tmp_path, prefect_api):
+    results = tmp_path / "results.json"
+    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    env.pop("MLFLOW_TRACKING_URI", None)   # the work folder's own MLflow store
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "eval", "--bench", str(BENCH), "--results", str(results),
+                           "--workdir", str(tmp_path / "work"), "--methods", "fused,gem"],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(results.with_name("results.summary.json").read_text())
+    measured = {method: {g: round(summary[method][g]["mAP"], 4) for g in GROUPS} for method in ("fused", "gem")}
+    counts = {g: summary["fused"][g]["n"] for g in GROUPS}
+    if os.environ.get("OBJRET_UPDATE_QUALITY_BASELINE"):
+        BASELINE.write_text(json.dumps({"queries": counts, "mAP": measured}, indent=1) + "\n")
+        pytest.skip(f"baseline written: {measured}")
+    baseline = json.loads(BASELINE.read_text())
+    assert counts == baseline["queries"]
+    for method in ("fused", "gem"):
+        for g in GROUPS:
+            assert measured[method][g] == pytest.approx(baseline["mAP"][method][g], abs=TOLERANCE), (method, g)
+    for g in GROUPS:
+        assert measured["fused"][g] >= measured["gem"][g], (g, measured)

@@ -1,6 +1,8 @@
-"""objret.mining.methods's region-based methods over a small real lake: ``fused`` (region shortlist + template re-ranking),
-``regions`` and the ``rmac`` baseline, with LakeMaps built the way objret.mining.lakemaps builds them (stored regions,
-region_vectors), on lite0 maps at 320 px of 12 bench frames, one of which holds a pasted object."""
+"""objret.mining.methods's region-based methods over a small real lake: ``fused`` (region, whole-frame and template
+evidence fused), ``regions`` and the ``rmac`` baseline, with LakeMaps built the way objret.mining.lakemaps builds
+them (stored regions, region_vectors), on lite0 maps at 320 px of 12 bench frames, one of which holds a pasted
+object; and candidate selection (objret.mining.shortlist: the region index's shortlist of ``mining.rerank``
+frames, every frame for a small box) over a LakeSearch of the same lake with a real RegionIndex."""
 
 from __future__ import annotations
 
@@ -11,20 +13,24 @@ import numpy as np
 import pytest
 import torch
 
-from objret.features.backbone import build_backbone
-from objret.config import load_params
-from objret.features.cache import extract_maps
-from objret.ingest.lake import load_image
-from objret.mining.lakemaps import region_vectors
-from objret.mining.template_matching import MapStack
 from objret.boxes import iou_xywh
+from objret.config import load_params
+from objret.errors import ObjretError
+from objret.features.backbone import build_backbone
+from objret.features.cache import extract_maps
+from objret.index.region_index import RegionIndex
+from objret.ingest.decode import load_image
+from objret.mining.evidence import best_region_per_frame, query_region_vector
+from objret.mining.fusion import fuse_evidence, rank_fused
 from objret.mining.lakemaps import LakeMaps
-from objret.mining.methods import QueryObject, rank
-from objret.mining.evidence import best_region_per_frame
-from objret.regions.sources import rmac
+from objret.mining.methods import QueryObject, RankInputs, get_method, rank
+from objret.mining.search import LakeSearch
+from objret.mining.shortlist import candidate_rows, is_small, rank_query
+from objret.mining.template_matching import MapStack
+from objret.regions.encoding import region_vectors
 from objret.regions.pooling import box_to_cells, gem
+from objret.regions.sources import SOURCES, frame_regions, pool_regions, rmac
 from objret.regions.store import RegionStore
-from objret.regions.sources import SOURCES, frame_regions, pool_regions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,7 +53,8 @@ OTHERS = {  # unrelated frames of every set; two more street frames of B's video
 def scene(bench_dir, tmp_path_factory):
     """Query: coco_mini 000000000064.jpg (frame A, 480 x 640) and its "clock" box. B: tud_stadtmitte 000050 with
     A's box crop pasted at PASTE_XY; B's clean original and 9 other real frames complete a lake of 12 (A is in
-    the lake too, as a query frame from the lake would be)."""
+    the lake too, as a query frame from the lake would be). ``search`` is a LakeSearch over the same maps with
+    a flat RegionIndex holding every region vector of the lake."""
     coco = json.loads((bench_dir / "coco_mini" / "annotations.json").read_text())
     image = next(i for i in coco["images"] if i["file_name"] == "images/000000000064.jpg")
     clock = next(c["id"] for c in coco["categories"] if c["name"] == "clock")
@@ -70,12 +77,13 @@ def scene(bench_dir, tmp_path_factory):
     ids = list(images)
     frames = [SimpleNamespace(frame_id=i, width=images[i].shape[1], height=images[i].shape[0]) for i in ids]
 
-    # Regions as pipeline.regions stores them: whole + uniform on the stride-32 map, average-pooled, raw.
+    # Regions as objret.steps.regions stores them: whole + uniform on the stride-32 map, average-pooled, raw.
     store = RegionStore(tmp_path_factory.mktemp("regions"))
+    region_params = load_params(None, ["regions.sources=[whole, uniform]", "regions.uniform_levels=3"]).regions
     per_frame = {}
     for i in ids:
         fmap = maps[i]["stride32"]
-        found = frame_regions(fmap, {"sources": ["whole", "uniform"], "uniform_levels": 3})
+        found = frame_regions(fmap, region_params)
         per_frame[i] = (found, pool_regions(fmap, found.boxes, "avg"), tuple(fmap.shape[-2:]))
     store.write(per_frame)
     regions = region_vectors(store.load(), frames, "stride32", "avg")
@@ -84,14 +92,32 @@ def scene(bench_dir, tmp_path_factory):
     lake = LakeMaps(stack, np.stack([gem(maps[i]["stride32"]) for i in ids]), regions,
                     np.stack([rmac(maps[i]["stride32"]) for i in ids]))
     query = QueryObject(maps["A"], (a.shape[1], a.shape[0]), box, frame_id="A")
-    mining = dict(load_params().section("mining"))
-    params = {**mining, "layer": "stride16", "scales": [0.5, 1.0, 2.0], "gem_p": 3.0}
+    params = load_params(None, ["mining.layer=stride16", "mining.scales=[0.5, 1.0, 2.0]", "index.gem_p=3.0"])
+
+    # The region index as build-index fills it: every region of every frame, with its frame and box.
+    index = RegionIndex(regions.vectors.shape[1], kind="flat", use_gpu=False)
+    index.add([ids[o] for o in regions.owner], regions.vectors, regions.boxes)
+    search = LakeSearch(index, {f.frame_id: f for f in frames}, lake, list(ids))
     return SimpleNamespace(ids=ids, lake=lake, query=query, params=params, paste_box=paste_box, box=box,
-                           frames=frames, per_frame=per_frame, maps=maps)
+                           frames=frames, per_frame=per_frame, maps=maps, search=search, gem_p=params.index.gem_p)
+
+
+def _inputs(scene, *assignments: str, keep_heatmaps: int = 0, diffusion=None) -> RankInputs:
+    """The scene's mining parameters with ``section.key=value`` assignments, as a method reads them."""
+    params = scene.params.replace(*assignments) if assignments else scene.params
+    return RankInputs(params.mining, params.index.gem_p, keep_heatmaps, diffusion)
+
+
+def _mining(scene, *assignments: str):
+    return scene.params.replace(*assignments).mining
 
 
 def _order_without(ranking, excluded=("A",)):
     return [ranking.frame_ids[i] for i in ranking.order() if ranking.frame_ids[i] not in excluded]
+
+
+def _standardized(values, reference):
+    return (values - values[reference].mean()) / (values[reference].std() + 1e-6)
 
 
 def test_region_vectors_follow_the_lake(scene):
@@ -105,12 +131,15 @@ def test_region_vectors_follow_the_lake(scene):
         assert len(mine) == len(scene.per_frame[fid][0])
         width, height = scene.frames[row].width, scene.frames[row].height
         np.testing.assert_allclose(mine[0], [0, 0, width, height], rtol=1e-5)  # the whole region first
+    # The index holds the same regions, owned by the same frames.
+    index = scene.search.index
+    assert len(index) == len(regions.vectors) and index.frame_ids == ids
+    np.testing.assert_array_equal(index.owner, regions.owner)
 
 
 def test_fused_puts_the_pasted_frame_first_with_its_box(scene):
-    # Max fusion takes template boxes for every re-ranked frame (adaptive fusion: see the tests below).
-    ranking = rank("fused", scene.query, scene.lake, {**scene.params, "rerank": 200, "fusion": "max"},
-                   keep_heatmaps=5)
+    # Max fusion takes template boxes for every frame (adaptive fusion: see the tests below).
+    ranking = rank("fused", scene.query, scene.lake, _inputs(scene, "mining.fusion=max", keep_heatmaps=5))
     order = _order_without(ranking)
     b = scene.ids.index("B")
     assert order[0] == "B", dict(zip(ranking.frame_ids, ranking.scores.round(2).tolist()))
@@ -122,8 +151,8 @@ def test_fused_puts_the_pasted_frame_first_with_its_box(scene):
     top = [ranking.frame_ids[i] for i in ranking.order()[:5]]
     assert set(ranking.evidence) == set(top) == set(ranking.heatmaps)
     region, _ = best_region_per_frame(scene.query, scene.lake)
-    glob = scene.lake.global_vectors @ gem(scene.query.maps["stride32"])
-    dtm = rank("dtm", scene.query, scene.lake, scene.params)
+    glob = scene.lake.global_vectors @ gem(scene.query.maps["stride32"], scene.gem_p)
+    dtm = rank("dtm", scene.query, scene.lake, _inputs(scene))
     for fid in top:
         i = scene.ids.index(fid)
         evidence = ranking.evidence[fid]
@@ -138,43 +167,110 @@ def test_fused_puts_the_pasted_frame_first_with_its_box(scene):
     assert dtm.scores[b] == max(dtm.scores[scene.ids.index(f)] for f in scene.ids if f != "A")
 
 
-def test_frames_outside_the_shortlist_stay_below_it(scene):
-    candidates = 5
-    params = {**scene.params, "fusion": "sum"}
-    ranking = rank("fused", scene.query, scene.lake, {**params, "rerank": candidates}, keep_heatmaps=candidates)
+def test_a_large_box_ranks_the_region_index_shortlist_only(scene):
+    """A box over ``mining.small_box`` of its frame: the ``mining.rerank`` frames whose best region is nearest
+    the query's region vector in the index are the candidates (the query's own frame never), and the fused
+    evidence is standardised over those candidates; the frames outside are not ranked at all."""
+    k = 5
+    mining = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0", "mining.fusion=sum")
+    assert not is_small(scene.query, mining.small_box)
+    vector = query_region_vector(scene.query, scene.lake.regions)
     region, region_boxes = best_region_per_frame(scene.query, scene.lake)
-    glob = scene.lake.global_vectors @ gem(scene.query.maps["stride32"])
-    weight = scene.params["weights"]["global"]
-    expected = {scene.ids[i] for i in np.argsort(-(region + weight * glob), kind="stable")[:candidates]}
-    shortlist = set(ranking.heatmaps)  # re-ranked frames are the ones with heat maps
-    assert shortlist == expected
-    rows = np.array([scene.ids.index(f) for f in sorted(shortlist)])
-    outside = np.array([i for i in range(len(scene.ids)) if scene.ids[i] not in shortlist])
-    lowest = rows[np.argmin(ranking.scores[rows])]
-    checked = 0
-    for o in outside:
-        # Left out of the re-ranking: the best region's box (not a template box).
-        np.testing.assert_allclose(ranking.boxes[o], region_boxes[o])
-        if region[o] < region[lowest] and glob[o] <= glob[lowest]:
-            assert ranking.scores[o] < ranking.scores[lowest]
-            checked += 1
-    assert checked >= 3  # the comparison is not vacuous
+    by_region = [scene.ids[i] for i in np.argsort(-region, kind="stable")]
+    assert by_region[0] == "A"   # the query's own frame is the index's best hit: excluding it is real work
+    expected = [f for f in by_region if f != "A"][:k]
 
-    # Without global evidence the shortlist is the top by region score, and all of it outranks the rest.
-    no_global = {**params, "rerank": candidates, "weights": {"region": 1.0, "template": 1.0, "global": 0.0}}
-    ranking = rank("fused", scene.query, scene.lake, no_global, keep_heatmaps=candidates)
-    shortlist = [scene.ids.index(f) for f in ranking.heatmaps]
-    assert set(shortlist) == set(np.argsort(-region, kind="stable")[:candidates].tolist())
-    rest = [i for i in range(len(scene.ids)) if i not in shortlist]
-    assert ranking.scores[shortlist].min() > ranking.scores[rest].max()
+    rows = candidate_rows(scene.search, get_method("fused"), scene.query, vector, mining)
+    assert [scene.ids[r] for r in rows] == expected   # exactly k, best region first
+    result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=k)
+    ranking = result.ranking
+    assert result.candidates == k and ranking.frame_ids == expected and "A" not in ranking.frame_ids
+    np.testing.assert_allclose(result.vector, vector, atol=1e-6)
+    assert set(ranking.heatmaps) == set(ranking.evidence) == set(expected)   # every candidate template-matched
+
+    # The scores: the evidence of the whole lake at the candidates, standardised over the candidates alone.
+    glob = scene.lake.global_vectors @ gem(scene.query.maps["stride32"], scene.gem_p)
+    dtm = rank("dtm", scene.query, scene.lake, _inputs(scene))
+    at = np.array([scene.ids.index(f) for f in expected])
+    scores, boxes, weight = fuse_evidence(region[at], glob[at], dtm.scores[at], region_boxes[at], dtm.boxes[at],
+                                          np.arange(k), mining.weights, "sum", mining.gate)
+    assert weight is None
+    np.testing.assert_allclose(ranking.scores, scores, atol=1e-4)
+    np.testing.assert_allclose(ranking.boxes, dtm.boxes[at], atol=1e-3)   # sum fusion: the template's boxes
+    whole = rank("fused", scene.query, scene.lake, _inputs(scene, "mining.fusion=sum"))
+    assert not np.allclose(ranking.scores, whole.scores[at], atol=1e-2)   # not the whole lake's standardisation
+    for fid in expected:
+        i = scene.ids.index(fid)
+        assert ranking.evidence[fid]["region"] == pytest.approx(float(region[i]), abs=1e-5)
+        assert ranking.evidence[fid]["template"] == pytest.approx(float(dtm.scores[i]), abs=1e-4)
+
+    # The shortlist is the index's alone: the fusion weights do not change it.
+    no_global = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0",
+                        "mining.weights={region: 1.0, template: 1.0, global: 0.0}")
+    np.testing.assert_array_equal(candidate_rows(scene.search, get_method("fused"), scene.query, vector, no_global),
+                                  rows)
+    # A shortlist as long as the lake is every frame: the resident lake ranked whole, the query's frame in it.
+    every = rank_query(scene.search, scene.query, "fused", _mining(scene, "mining.rerank=50", "mining.small_box=0.0",
+                                                                  "mining.fusion=sum"), gem_p=scene.gem_p)
+    assert every.candidates == len(scene.ids) - 1 and every.ranking.frame_ids == scene.ids
+    np.testing.assert_allclose(every.ranking.scores, whole.scores, atol=1e-6)
+
+
+def test_small_boxes_are_matched_on_every_frame(scene):
+    """A box under ``small_box`` of its frame skips the region shortlist for the fused method: every frame gets
+    template evidence, the same as plain template matching gives it."""
+    n = len(scene.ids)
+    mining = _mining(scene, "mining.rerank=1", "mining.small_box=1.0")
+    assert is_small(scene.query, mining.small_box)
+    result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=n)
+    ranking = result.ranking
+    assert result.candidates == n - 1 and ranking.frame_ids == scene.ids   # every frame but the query's own
+    dtm = rank("dtm", scene.query, scene.lake, _inputs(scene))
+    assert set(ranking.evidence) == set(scene.ids)
+    for i, fid in enumerate(scene.ids):
+        assert ranking.evidence[fid]["template"] == pytest.approx(float(dtm.scores[i]), abs=1e-4)
+    assert _order_without(ranking)[0] == "B"
+    direct = rank("fused", scene.query, scene.lake, _inputs(scene, "mining.rerank=1", "mining.small_box=1.0"))
+    np.testing.assert_allclose(ranking.scores, direct.scores, atol=1e-6)
+
+    # Without small_box the same rerank=1 template-matches one frame only: the index's best but the query's.
+    vector = query_region_vector(scene.query, scene.lake.regions)
+    region, _ = best_region_per_frame(scene.query, scene.lake)
+    best = next(scene.ids[i] for i in np.argsort(-region, kind="stable") if scene.ids[i] != "A")
+    one = rank_query(scene.search, scene.query, "fused", _mining(scene, "mining.rerank=1", "mining.small_box=0.0"),
+                     gem_p=scene.gem_p, keep_heatmaps=n)
+    assert one.candidates == 1 and one.ranking.frame_ids == [best] and list(one.ranking.evidence) == [best]
+
+    # The threshold is the box's share of its frame (0.077 for the clock), strictly below.
+    width, height = scene.query.image_size
+    share = scene.box[2] * scene.box[3] / (width * height)
+    fused = get_method("fused")
+    above = candidate_rows(scene.search, fused, scene.query, vector, _mining(scene, "mining.rerank=1",
+                                                                            f"mining.small_box={share * 1.01}"))
+    below = candidate_rows(scene.search, fused, scene.query, vector, _mining(scene, "mining.rerank=1",
+                                                                            f"mining.small_box={share * 0.99}"))
+    assert len(above) == n - 1 and scene.ids.index("A") not in above.tolist()
+    assert [scene.ids[r] for r in below] == [best]
+    # Only a method that matches templates on every frame for a small box does: dtm and regions keep the
+    # shortlist; discovery (one cheap score a frame) never has one.
+    for name in ("dtm", "regions", "gem", "rmac"):
+        assert not get_method(name).small_box_every_frame
+        assert [scene.ids[r] for r in candidate_rows(scene.search, get_method(name), scene.query, vector,
+                                                     mining)] == [best], name
+    every = candidate_rows(scene.search, get_method("discovery"), scene.query, vector,
+                           _mining(scene, "mining.rerank=1", "mining.small_box=0.0"))
+    assert sorted(every.tolist()) == [i for i, f in enumerate(scene.ids) if f != "A"]
+    dtm_small = rank_query(scene.search, scene.query, "dtm", mining, gem_p=scene.gem_p)
+    assert dtm_small.candidates == 1 and dtm_small.ranking.frame_ids == [best]
 
 
 def test_regions_method_returns_region_boxes_in_pixels(scene):
-    ranking = rank("regions", scene.query, scene.lake, scene.params)
+    ranking = rank("regions", scene.query, scene.lake, _inputs(scene))
     lake = scene.lake
     region, _ = best_region_per_frame(scene.query, lake)
-    glob = lake.global_vectors @ gem(scene.query.maps["stride32"])
-    np.testing.assert_allclose(ranking.scores, region + scene.params["weights"]["global"] * glob, atol=1e-5)
+    glob = lake.global_vectors @ gem(scene.query.maps["stride32"], scene.gem_p)
+    np.testing.assert_allclose(ranking.scores, region + scene.params.mining.weights.global_ * glob, atol=1e-5)
+    assert scene.params.mining.weights.global_ > 0   # the global term is in play
     for row, fid in enumerate(scene.ids):
         own = lake.regions.boxes[lake.regions.owner == row]
         box = ranking.boxes[row]
@@ -194,7 +290,7 @@ def test_regions_method_returns_region_boxes_in_pixels(scene):
 
 
 def test_rmac_baseline(scene):
-    ranking = rank("rmac", scene.query, scene.lake, scene.params)
+    ranking = rank("rmac", scene.query, scene.lake, _inputs(scene))
     a = scene.ids.index("A")
     assert ranking.frame_ids[ranking.order()[0]] == "A"  # the query frame's own R-MAC
     assert ranking.scores[a] == pytest.approx(1.0, abs=1e-5)
@@ -205,8 +301,12 @@ def test_rmac_baseline(scene):
     b, clean = scene.ids.index("B"), scene.ids.index("B_clean")
     assert float(scene.lake.rmac_vectors[b] @ scene.lake.rmac_vectors[clean]) > 0.9
     assert ranking.scores[b] > ranking.scores[clean]
-    with pytest.raises(ValueError, match="unknown mining method"):
-        rank("nope", scene.query, scene.lake, scene.params)
+    # An unknown method is an error naming every known one, from rank and from the mining path alike.
+    known = "fused, regions, dtm, gem, rmac, discovery"
+    with pytest.raises(ObjretError, match=f"unknown mining method 'nope'; choose one of {known}$"):
+        rank("nope", scene.query, scene.lake, _inputs(scene))
+    with pytest.raises(ObjretError, match=f"unknown mining method 'nope'; choose one of {known}$"):
+        rank_query(scene.search, scene.query, "nope", scene.params.mining, gem_p=scene.gem_p)
 
 
 def test_rmac_is_unit_norm(scene):
@@ -219,36 +319,27 @@ def test_rmac_is_unit_norm(scene):
     assert not np.allclose(rmac(scene.maps["A"]["stride32"]), rmac(scene.maps["zebra"]["stride32"]))
 
 
-def test_small_boxes_are_matched_on_every_frame(scene):
-    """A box under ``small_box`` of its frame skips the region shortlist: every frame gets template evidence,
-    the same as plain template matching gives it."""
-    params = {**scene.params, "rerank": 1, "small_box": 1.0}
-    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(scene.ids))
-    dtm = rank("dtm", scene.query, scene.lake, scene.params)
-    assert set(ranking.evidence) == set(scene.ids)
-    for i, fid in enumerate(scene.ids):
-        assert ranking.evidence[fid]["template"] == pytest.approx(float(dtm.scores[i]), abs=1e-4)
-    assert _order_without(ranking)[0] == "B"
-    # Without small_box the same rerank=1 template-matches one frame only.
-    one = rank("fused", scene.query, scene.lake, {**scene.params, "rerank": 1}, keep_heatmaps=len(scene.ids))
-    assert len(one.evidence) == 1
-
-
 def test_max_fusion_takes_the_better_evidence(scene):
-    params = {**scene.params, "rerank": len(scene.ids), "fusion": "max"}
-    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(scene.ids))
-    summed = rank("fused", scene.query, scene.lake, {**params, "fusion": "sum"}, keep_heatmaps=len(scene.ids))
-    w = scene.params["weights"]
+    n = len(scene.ids)
+    ranking = rank("fused", scene.query, scene.lake, _inputs(scene, "mining.fusion=max", keep_heatmaps=n))
+    summed = rank("fused", scene.query, scene.lake, _inputs(scene, "mining.fusion=sum", keep_heatmaps=n))
+    w = scene.params.mining.weights
     z = {}
     for kind in ("region", "template", "global"):   # standardised over the lake without the query frame A
         values = np.array([summed.evidence[f][kind] for f in scene.ids])
         z[kind] = (values - values[1:].mean()) / (values[1:].std() + 1e-6)
-    context = w["region"] * z["region"] + w["global"] * z["global"]
-    np.testing.assert_allclose(ranking.scores, np.maximum(context, w["template"] * z["template"]), atol=1e-4)
-    np.testing.assert_allclose(summed.scores, context + w["template"] * z["template"], atol=1e-4)
+    context = w.region * z["region"] + w.global_ * z["global"]
+    np.testing.assert_allclose(ranking.scores, np.maximum(context, w.template * z["template"]), atol=1e-4)
+    np.testing.assert_allclose(summed.scores, context + w.template * z["template"], atol=1e-4)
+    assert not np.allclose(ranking.scores, summed.scores, atol=1e-2)
     assert _order_without(ranking)[0] == "B"
-    with pytest.raises(ValueError, match="fusion"):
-        rank("fused", scene.query, scene.lake, {**params, "fusion": "product"})
+    # An unknown fusion: refused by the parameters, and by the fusion itself.
+    with pytest.raises(ObjretError, match="mining.fusion"):
+        scene.params.replace("mining.fusion=product")
+    m = scene.params.mining
+    with pytest.raises(ValueError, match="unknown fusion 'product'"):
+        rank_fused(scene.query, scene.lake, weights=m.weights, layer=m.layer, template_cells=m.template_cells,
+                   scales=tuple(m.scales), gem_p=scene.gem_p, fusion="product", gate=m.gate)
 
 
 def test_a_subset_of_the_lake_ranks_its_frames_as_the_whole_lake_does(scene):
@@ -256,33 +347,41 @@ def test_a_subset_of_the_lake_ranks_its_frames_as_the_whole_lake_does(scene):
     sub = scene.lake.subset(rows)
     assert sub.stack.frame_ids == ["B", "kitti_40", "zebra", "B_clean"]
     assert len(sub.regions.vectors) == sum(len(scene.per_frame[scene.ids[r]][0]) for r in rows)
-    whole = rank("regions", scene.query, scene.lake, scene.params)
-    part = rank("regions", scene.query, sub, scene.params)
+    inputs = _inputs(scene)
+    whole = rank("regions", scene.query, scene.lake, inputs)
+    part = rank("regions", scene.query, sub, inputs)
     np.testing.assert_allclose(part.scores, whole.scores[rows], atol=1e-6)
     np.testing.assert_allclose(part.boxes, whole.boxes[rows], atol=1e-4)
-    dtm_whole = rank("dtm", scene.query, scene.lake, scene.params)
-    np.testing.assert_allclose(rank("dtm", scene.query, sub, scene.params).scores, dtm_whole.scores[rows], atol=1e-5)
+    dtm_whole = rank("dtm", scene.query, scene.lake, inputs)
+    np.testing.assert_allclose(rank("dtm", scene.query, sub, inputs).scores, dtm_whole.scores[rows], atol=1e-5)
 
 
 def test_template_weight_follows_the_evidence_that_stands_out():
     from objret.mining.fusion import template_weight
 
+    gate = load_params().mining.gate
+    assert (gate.top, gate.offset, gate.slope) == (3, 1.0, 2.0)
     rng = np.random.default_rng(0)
     flat, peaked = rng.normal(size=500), rng.normal(size=500)
     peaked[:3] = 8.0   # three frames far above the rest of the lake
-    assert template_weight(context=flat, template=peaked) > 0.99
-    assert template_weight(context=peaked, template=flat) < 0.01
+    assert template_weight(flat, peaked, gate.top, gate.offset, gate.slope) > 0.99
+    assert template_weight(peaked, flat, gate.top, gate.offset, gate.slope) < 0.01
     # The logistic of (template peak - context peak - offset), peaks the mean of the top 3.
     peak = lambda x: np.sort(x)[-3:].mean()
     expected = 1 / (1 + np.exp(-2.0 * (peak(peaked) - peak(flat) - 1.0)))
     assert template_weight(flat, peaked, top=3, offset=1.0, slope=2.0) == pytest.approx(expected)
-    assert template_weight(flat, flat, offset=0.0) == pytest.approx(0.5)
+    assert template_weight(flat, flat, top=3, offset=0.0, slope=2.0) == pytest.approx(0.5)
+    # The peak is over the top ``top`` scores: one outlier moves a top-1 gate, hardly a top-10 one.
+    spike = flat.copy()
+    spike[np.argmax(spike)] = 8.0
+    assert (template_weight(flat, spike, top=1, offset=0.0, slope=2.0)
+            > template_weight(flat, spike, top=10, offset=0.0, slope=2.0) + 0.2)
 
 
 def test_adaptive_fusion_mixes_the_evidence_by_the_query_weight(scene):
     lake, ids = scene.lake, scene.ids
-    params = {**scene.params, "rerank": len(ids), "fusion": "adaptive"}
-    ranking = rank("fused", scene.query, lake, params, keep_heatmaps=len(ids))
+    adaptive = ("mining.fusion=adaptive",)
+    ranking = rank("fused", scene.query, lake, _inputs(scene, *adaptive, keep_heatmaps=len(ids)))
     evidence = ranking.evidence
     weight = evidence["B"]["template_weight"]
     assert 0.0 < weight < 1.0 and {e["template_weight"] for e in evidence.values()} == {weight}
@@ -293,20 +392,21 @@ def test_adaptive_fusion_mixes_the_evidence_by_the_query_weight(scene):
         values = np.array([evidence[f][kind] for f in ids])
         ref_values = np.array([evidence[f][kind] for f in ref])
         z[kind] = (values - ref_values.mean()) / (ref_values.std() + 1e-6)
-    w = scene.params["weights"]
-    context = w["region"] * z["region"] + w["global"] * z["global"]
+    w = scene.params.mining.weights
+    context = w.region * z["region"] + w.global_ * z["global"]
     context = context / (context[1:].std() + 1e-6)
-    template = w["template"] * z["template"]
+    template = w.template * z["template"]
     np.testing.assert_allclose(ranking.scores, (1 - weight) * context + weight * template, atol=1e-4)
     assert _order_without(ranking)[0] == "B"
 
     b = ids.index("B")
-    as_instance = rank("fused", scene.query, lake, {**params, "gate": {"offset": -100.0}})   # weight 1
+    as_instance = rank("fused", scene.query, lake, _inputs(scene, *adaptive, "mining.gate.offset=-100.0"))  # weight 1
     assert _order_without(as_instance)[0] == "B"
+    np.testing.assert_allclose(as_instance.scores, template, atol=1e-4)
     assert iou_xywh(as_instance.boxes[b], scene.paste_box) >= 0.5   # the template's box
-    as_class = rank("fused", scene.query, lake, {**params, "gate": {"offset": 100.0}})       # weight 0
+    as_class = rank("fused", scene.query, lake, _inputs(scene, *adaptive, "mining.gate.offset=100.0"))      # weight 0
     np.testing.assert_allclose(as_class.scores, context, atol=1e-4)
-    regions = rank("regions", scene.query, lake, scene.params)
+    regions = rank("regions", scene.query, lake, _inputs(scene))
     np.testing.assert_allclose(as_class.boxes, regions.boxes, atol=1e-4)   # the best regions' boxes
 
 
@@ -314,16 +414,17 @@ def test_adaptive_fusion_mixes_the_evidence_by_the_query_weight(scene):
 
 def test_diffusion_evidence_is_standardised_and_added_to_the_context_side(scene):
     ids = scene.ids
-    params = {**scene.params, "rerank": len(ids), "fusion": "sum", "diffusion": {"weight": 0.7}}
-    without = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(ids))
-    unchanged = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(ids), diffusion=None)
+    n = len(ids)
+    setting = ("mining.fusion=sum", "mining.diffusion.weight=0.7")
+    without = rank("fused", scene.query, scene.lake, _inputs(scene, *setting, keep_heatmaps=n))
+    unchanged = rank("fused", scene.query, scene.lake, _inputs(scene, *setting, keep_heatmaps=n, diffusion=None))
     np.testing.assert_array_equal(unchanged.scores, without.scores)          # None: bit-identical
     np.testing.assert_array_equal(unchanged.boxes, without.boxes)
     assert unchanged.evidence == without.evidence
 
-    diffusion = np.linspace(0.0, 1.0, len(ids)) ** 2
+    diffusion = np.linspace(0.0, 1.0, n) ** 2
     diffusion[ids.index("B_clean")] = 5.0
-    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=len(ids), diffusion=diffusion)
+    ranking = rank("fused", scene.query, scene.lake, _inputs(scene, *setting, keep_heatmaps=n, diffusion=diffusion))
     ref = diffusion[1:]                                                       # the query's frame A left out
     z = (diffusion - ref.mean()) / (ref.std() + 1e-6)
     np.testing.assert_allclose(ranking.scores, without.scores + 0.7 * z, atol=1e-4)
@@ -333,21 +434,20 @@ def test_diffusion_evidence_is_standardised_and_added_to_the_context_side(scene)
     lifted = _order_without(ranking).index("B_clean")
     assert lifted < _order_without(without).index("B_clean") and lifted <= 1
     # Max fusion: diffusion sits on the context side, with region and global evidence.
-    maxed = rank("fused", scene.query, scene.lake, {**params, "fusion": "max"}, keep_heatmaps=len(ids),
-                 diffusion=diffusion)
-    w = scene.params["weights"]
+    maxed = rank("fused", scene.query, scene.lake, _inputs(scene, "mining.fusion=max", "mining.diffusion.weight=0.7",
+                                                           keep_heatmaps=n, diffusion=diffusion))
+    w = scene.params.mining.weights
     zs = {}
     for kind in ("region", "template", "global"):
         values = np.array([without.evidence[f][kind] for f in ids])
         zs[kind] = (values - values[1:].mean()) / (values[1:].std() + 1e-6)
-    context = w["region"] * zs["region"] + w["global"] * zs["global"] + 0.7 * z
-    np.testing.assert_allclose(maxed.scores, np.maximum(context, w["template"] * zs["template"]), atol=1e-4)
+    context = w.region * zs["region"] + w.global_ * zs["global"] + 0.7 * z
+    np.testing.assert_allclose(maxed.scores, np.maximum(context, w.template * zs["template"]), atol=1e-4)
 
 
 def test_diffusion_over_a_real_region_graph_ranks_with_the_fused_method(scene):
     from objret.graph.centrality import katz_centrality
     from objret.graph.diffusion import GraphDiffusion
-    from objret.mining.evidence import query_region_vector
     from objret.graph.knn import build_region_graph
 
     regions, ids = scene.lake.regions, scene.ids
@@ -371,11 +471,25 @@ def test_diffusion_over_a_real_region_graph_ranks_with_the_fused_method(scene):
     assert per_frame[nearest_frame] == per_frame.max() > 0
 
     frame_scores = diffusion.scores(query, diffusion.rows_for(ids))[0]
-    params = {**scene.params, "rerank": len(ids), "diffusion": {"weight": 0.5}}
-    ranking = rank("fused", scene.query, scene.lake, params, keep_heatmaps=3, diffusion=frame_scores)
+    weighted = ("mining.diffusion.weight=0.5",)
+    ranking = rank("fused", scene.query, scene.lake, _inputs(scene, *weighted, keep_heatmaps=3,
+                                                             diffusion=frame_scores))
     assert _order_without(ranking)[0] == "B"      # the pasted clock still first (adaptive fusion)
-    assert all("diffusion" in e for e in ranking.evidence.values())
+    assert len(ranking.evidence) == 3 and all("diffusion" in e for e in ranking.evidence.values())
     with pytest.raises(ValueError, match="fused method only"):
-        rank("regions", scene.query, scene.lake, params, diffusion=frame_scores)
+        rank("regions", scene.query, scene.lake, _inputs(scene, *weighted, diffusion=frame_scores))
     with pytest.raises(ValueError, match="one score per frame"):
-        rank("fused", scene.query, scene.lake, params, diffusion=frame_scores[:5])
+        rank("fused", scene.query, scene.lake, _inputs(scene, *weighted, diffusion=frame_scores[:5]))
+
+    # Through the mining path, with the index's own search: the candidates' diffusion scores are fused.
+    by_index = GraphDiffusion(graph.matrix, regions.owner, list(ids), scene.search.index.search, k=10, max_iter=20)
+    mining = _mining(scene, *weighted, "mining.rerank=4", "mining.small_box=0.0")
+    result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=4,
+                        diffusion=by_index)
+    candidates = result.ranking.frame_ids
+    assert result.candidates == 4 and "A" not in candidates and result.diffusion_solve.iterations <= 20
+    expected = by_index.scores(query, by_index.rows_for(candidates))[0]
+    np.testing.assert_allclose([result.ranking.evidence[f]["diffusion"] for f in candidates], expected, atol=1e-6)
+    np.testing.assert_allclose(expected, frame_scores[[ids.index(f) for f in candidates]], atol=1e-5)
+    with pytest.raises(ObjretError, match="fused method only"):
+        rank_query(scene.search, scene.query, "regions", mining, gem_p=scene.gem_p, diffusion=by_index)

@@ -18,6 +18,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # 12 frames; shards of 2 frames, region batches of 3: chunks of 4 frames hold 2 shards, of 3 frames 1 batch.
+# One torch thread here as in each worker (threads_per_worker=1): bit-identical maps need the same kernels.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMALL = ["features.backbone=efficientnet_lite0", "features.max_side=320", "features.shard_size=2",
          "features.batch_size=2", "regions.batch=3", "graph.enabled=false"]
 SCALE = ["scale_out.enabled=true", "scale_out.chunk_frames=4"]

@@ -8,7 +8,8 @@ backbone built once, so a run starts in milliseconds where a fresh Python would 
 a test. The child is killed with SIGKILL, as `kill -9` of the flow would be: no handler, no cleanup.
 
 Kills are aimed at a phase (the child marks each step as it starts): the driver waits until the target step has
-started, then a random time within that step's duration in the uninterrupted reference run, and kills. Where the
+started, then a random time within that step's duration in the uninterrupted reference run, and the child
+kills itself with SIGKILL then (a timer in the child: no polling delay). Where the
 kill actually landed is the last step the child had marked. A write window is a few milliseconds, so timed kills
 rarely catch one; kills at a rename catch them on purpose: the child kills itself with SIGKILL at its n-th
 os.replace / os.rename, the temp file or folder written in full but not yet renamed (the worst moment).
@@ -28,6 +29,7 @@ import json
 import os
 import random
 import signal
+import threading
 import sys
 import time
 import traceback
@@ -65,6 +67,13 @@ class Driver:
         from objret.config import load_params
         from objret.steps.workspace import Workspace
 
+        # The steps' lazy imports too, before any fork: the reference run then times the steps' work, not a first
+        # import (graph: 25 ms of work, 170 ms of scipy/faiss imports), so a kill drawn within a step lands in it.
+        import objret.graph.centrality  # noqa: F401
+        import objret.graph.knn  # noqa: F401
+        import objret.graph.store  # noqa: F401
+        import objret.steps.graph  # noqa: F401
+
         self.plan = plan
         self.params = load_params(None, plan["overrides"])
         self.backbone = Workspace(self.params, plan["reference"]).backbone   # shared by every fork
@@ -90,8 +99,20 @@ class Driver:
             try:
                 fd = os.open(marker, os.O_WRONLY | os.O_APPEND)
 
+                def kill_after(seconds: float) -> None:
+                    # The child times its own kill from the moment its step starts: a parent polling for the step's
+                    # mark would notice it too late to land inside a step of a few tens of milliseconds (graph).
+                    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGKILL))
+                    timer.daemon = True
+                    timer.start()
+
                 def mark(step: str, **info) -> None:
                     os.write(fd, (json.dumps({"step": step, "t": time.monotonic() - start, **info}) + "\n").encode())
+                    if delay is not None and step == target:
+                        kill_after(delay)
+
+                if delay is not None and target is None:
+                    kill_after(delay)
 
                 if at_rename is not None:
                     _die_at_rename(at_rename, lambda dst: os.write(fd, (json.dumps({"rename": str(dst)}) + "\n")
@@ -103,22 +124,9 @@ class Driver:
                 os.write(fd, (json.dumps({"step": "error", "error": traceback.format_exc()}) + "\n").encode())
             finally:
                 os._exit(code)
-        killed, status, kill_at = False, None, None
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if delay is not None:
-                marks = _marks(marker)
-                started = start if target is None else next((start + m["t"] for m in marks if m["step"] == target),
-                                                            None)
-                if started is not None and time.monotonic() >= started + delay:
-                    kill_at = time.monotonic() - start
-                    os.kill(pid, signal.SIGKILL)
-                    _, status = os.waitpid(pid, 0)
-                    killed = True
-                    break
-            time.sleep(0.002)
+        _, status = os.waitpid(pid, 0)
+        killed = delay is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        kill_at = time.monotonic() - start if killed else None
         lines = _marks(marker)
         marks = [m for m in lines if "step" in m]
         renamed = [m["rename"] for m in lines if "rename" in m]

@@ -7,7 +7,7 @@ and the lake loaded once as a LakeSearch (objret.steps.mine.load_search). For ev
 frame_query: the box on its lake frame, with its mirror view when ``mining.mirror`` is on) it computes the three
 kinds of evidence the `fused` method combines with the library's own functions, off the LakeSearch's maps:
 best region similarity + box (best_region_per_frame) and whole-frame GeM on every frame, and the template-matching
-peak + box (match_template) on the candidates objret.mining.shortlist.candidate_rows picks, for the parameters'
+peak + box (match_template) on the candidates objret.mining.shortlist.first_stage picks, for the parameters'
 ``mining.rerank`` and for every shortlist size a configuration below asks for (``mining.small_box``: a small box's
 candidates are every frame). They are stored in <workdir>/fusion_evidence-<key>.npz (reused by the next run while
 the parameters, the index and the queries are the same; ~1 s a query to compute on a 2-core CPU).
@@ -41,7 +41,7 @@ from objret.mining.evidence import Ranking, best_region_per_frame, query_region_
 from objret.mining.fusion import fuse_evidence
 from objret.mining.methods import get_method
 from objret.mining.search import LakeSearch
-from objret.mining.shortlist import candidate_rows
+from objret.mining.shortlist import first_stage
 from objret.mining.template_matching import match_template
 from objret.regions.pooling import gem
 from objret.steps import features as features_step, graph as graph_step, index as index_step
@@ -185,7 +185,7 @@ def load_or_compute_evidence(ws: Workspace, bench, frame_of: dict, search: LakeS
     if path.exists():
         return dict(np.load(path))
     m, gem_p, fused = ws.params.mining, ws.params.index.gem_p, get_method("fused")
-    lake, n, q_count = search.maps, len(search.frame_ids), len(bench.queries)
+    lake, n, q_count = search.lake_maps(search.rows()), len(search.frame_ids), len(bench.queries)
     out = {"region": np.zeros((q_count, n), np.float32), "global": np.zeros((q_count, n), np.float32),
            "template": np.full((q_count, n), np.nan, np.float32),
            "region_boxes": np.zeros((q_count, n, 4), np.float32),
@@ -195,13 +195,16 @@ def load_or_compute_evidence(ws: Workspace, bench, frame_of: dict, search: LakeS
     start = time.perf_counter()
     for qi, q in enumerate(tqdm(bench.queries, desc="evidence", unit="query")):
         query = frame_query(ws, search.frames[frame_of[q.key]], q.bbox, "fused")
-        vector = query_region_vector(query, lake.regions)
+        vector = query_region_vector(query, search.encoding)
         vectors.append(vector)
         out["region"][qi], out["region_boxes"][qi] = best_region_per_frame(query, lake)
         out["global"][qi] = lake.global_vectors @ gem(query.maps["stride32"], gem_p)
         needed = set()
         for k in reranks:
-            rows = candidate_rows(search, fused, query, vector, ws.params.replace(f"mining.rerank={k}").mining)
+            mining = ws.params.replace(f"mining.rerank={k}").mining
+            _, hits = first_stage(search, fused, query, vector, mining)
+            rows = (search.rows(exclude=query.frame_id) if hits is None
+                    else np.array([search.row_of[h.frame_id] for h in hits[:k]], np.int64))
             out[f"candidates_{k}"][qi, :len(rows)] = rows
             needed.update(rows.tolist())
         rows = np.array(sorted(needed), np.int64)

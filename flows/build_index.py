@@ -1,5 +1,5 @@
 """Flow ``build-index``: ingest the lake sources -> cache dense features -> regions -> whitening -> region index
--> region graph -> OS.EGM discovery (graph.discovery.enabled); flow ``graph``: the region graph (and its OS.EGM
+-> mining store and cell index -> region graph -> OS.EGM discovery (graph.discovery.enabled); flow ``graph``: the region graph (and its OS.EGM
 discovery) alone, for an index already built. DVC runs build-index's steps one a stage (``only``)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from objret.steps.workspace import Workspace
 from tasks import scale_out, steps
 from tasks.tracking import mlflow_run
 
-STEPS = ("ingest", "features", "regions", "whitening", "index", "graph")   # in the order they run
+STEPS = ("ingest", "features", "regions", "whitening", "index", "store", "graph")   # in the order they run
 
 
 @flow(name="build-index", log_prints=True)
@@ -43,10 +43,11 @@ def build_index_flow(sources: list[str] | None = None, params_path: str | None =
             mlflow.set_tags({"whitening_version": whitening or "none"})
         if indexed is not None:
             mlflow.set_tags({"index_version": indexed["version"]})
+        stored = steps.store(ws) if "store" in todo else None
         graphed = steps.graph(ws) if "graph" in todo else None
         discovered = steps.discovery(ws) if graphed is not None and discovery_enabled(ws) else None
         return {"ingest": ingested, "features": cached, "regions": found, "whitening": whitening,
-                "index": indexed, "graph": graphed, "discovery": discovered, "mlflow_run_id": run.info.run_id,
+                "index": indexed, "store": stored, "graph": graphed, "discovery": discovered, "mlflow_run_id": run.info.run_id,
                 "workdir": str(ws.root)}
 
 

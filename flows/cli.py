@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-index", help="ingest lake sources, cache features, build the index (Prefect flow)")
     p.add_argument("sources", nargs="*", help="folders, video files or s3:// prefixes (default: lake.sources)")
     p.add_argument("--only", help="comma-separated steps to run (DVC runs one a stage): ingest, features, regions, "
-                                  "whitening, index, graph (default: all)")
+                                  "whitening, index, store, graph (default: all)")
     p.add_argument("--demo-if-empty", action="store_true",
                    help="when neither SOURCES nor lake.sources name anything, ingest the PETS 2009 demo video (as "
                         "`objret demo` does; DVC's ingest stage uses this, so `dvc repro` builds a lake out of the box)")

@@ -50,6 +50,7 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
         steps.regions(ws)
         steps.whitening(ws)
         mlflow.set_tags({"index_version": steps.index(ws)["version"]})   # the bench's own region index
+        steps.store(ws)
         with_diffusion = "fused" in methods and ws.params.mining.diffusion.enabled
         if with_diffusion or "discovery" in methods:
             # Diffusion and OS.EGM need the region graph: built (or refreshed) here, and only then (whatever

@@ -92,10 +92,23 @@ class RegionsParams(Section):
         return self.model_dump(include={"layer", "sources", "uniform_levels", "pooling", "egm", "detector", "dasr"})
 
 
+class MapStoreParams(Section):
+    pq_m: int = Field(ge=1)
+    train_frames: int = Field(ge=1)
+    shard_frames: int = Field(ge=1)
+
+
+class CellsParams(Section):
+    layer: Layer
+    per_frame: int = Field(ge=1)
+
+
 class IndexParams(Section):
     gem_p: float = Field(gt=0)
     region_kind: Literal["auto", "flat", "ivfpq", "hnsw"]
     flat_max: int = Field(ge=1)
+    map_store: MapStoreParams
+    cells: CellsParams
 
 
 class CgParams(Section):
@@ -153,6 +166,8 @@ class DiffusionParams(Section):
 class MiningParams(Section):
     method: MethodName
     rerank: int = Field(ge=1)
+    shortlist: int = Field(ge=1)
+    maps: Literal["store", "cache"]
     weights: WeightsParams
     fusion: Literal["adaptive", "sum", "max"]
     gate: GateParams

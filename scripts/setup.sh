@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   echo "installing Debian's chromium and chromium-driver (the review page's browser test)" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  apt_install() { DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-                    chromium chromium-driver >/dev/null 2>&1; }
-  apt_install || { $sudo apt-get update -qq >/dev/null 2>&1 && apt_install; } \
+  # Wait for another apt/dpkg run (an unattended upgrade, a second setup) instead of failing on its lock.
+  apt_install() { DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+                    --no-install-recommends chromium chromium-driver >/dev/null 2>&1; }
+  apt_install || { $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null 2>&1 && apt_install; } \
     || { echo "setup failed: cannot install chromium and chromium-driver with apt-get (run as root or with sudo)" >&2
          exit 1; }
 fi

@@ -17,6 +17,7 @@ from objret.steps import index as index_step
 from objret.steps import ingest as ingest_step
 from objret.steps import mine as mine_step
 from objret.steps import regions as regions_step
+from objret.steps import store as store_step
 from objret.steps import whitening as whitening_step
 from objret.steps.workspace import Workspace
 from tasks.tracking import log_artifacts, log_metrics, set_tags
@@ -73,6 +74,19 @@ def index(ws: Workspace) -> dict:
     get_run_logger().info("index %s: %d frames, %d regions in %s", result.version, result.frames, result.regions,
                           result.directory)
     return asdict(result)
+
+
+@task(name="store", cache_policy=NO_CACHE)
+def store(ws: Workspace) -> dict:
+    """The mining store (compact maps + GeM vectors) and the cell index of the small-object shortlist."""
+    stored = store_step.store(ws)
+    cells = store_step.cells(ws)
+    log_metrics({"store_frames_written": stored.stored, "store_bytes_per_frame": stored.bytes_per_frame,
+                 "cells_frames": cells.frames, "cells": cells.cells, "cells_bytes_per_frame": cells.bytes_per_frame})
+    get_run_logger().info("mining store: %d frames written (%d before), %.0f bytes a frame; cell index: %d frames, "
+                          "%d windows, %.0f bytes a frame", stored.stored, stored.already_stored,
+                          stored.bytes_per_frame, cells.frames, cells.cells, cells.bytes_per_frame)
+    return {"store": asdict(stored), "cells": asdict(cells)}
 
 
 @task(name="graph", cache_policy=NO_CACHE)

@@ -12,9 +12,12 @@ def default_pq_m(dim: int) -> int:
     return next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
 
 
+MAX_NLIST = 4096   # k-means of more lists costs minutes of training on a 2-core CPU; lists then grow instead
+
+
 def default_nlist(n: int) -> int:
-    """~4*sqrt(n) lists, but at least 39 training points per list (faiss k-means' own minimum)."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+    """~4*sqrt(n) lists, at most MAX_NLIST, and at least 39 training points per list (faiss k-means' minimum)."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39, MAX_NLIST))
 
 
 def default_nprobe(nlist: int) -> int:

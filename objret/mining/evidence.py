@@ -50,7 +50,7 @@ def best_region_per_frame(query: QueryObject, lake: LakeMaps) -> tuple[np.ndarra
     """Each frame's best region similarity and that region's box (frames without regions: -1, whole frame)."""
     regions = lake.regions
     sims = regions.vectors @ query_region_vector(query, regions)
-    n = len(lake.stack)
+    n = len(lake)
     order = np.lexsort((-sims, regions.owner))  # per owner, best first
     first = order[np.r_[True, regions.owner[order][1:] != regions.owner[order][:-1]]]
     scores = np.full(n, -1.0, np.float32)
@@ -61,5 +61,5 @@ def best_region_per_frame(query: QueryObject, lake: LakeMaps) -> tuple[np.ndarra
 
 
 def whole_frame_boxes(lake: LakeMaps) -> np.ndarray:
-    sizes = lake.stack.image_sizes
+    sizes = lake.image_sizes
     return np.stack([np.zeros(len(sizes)), np.zeros(len(sizes)), sizes[:, 0], sizes[:, 1]], 1).astype(np.float32)

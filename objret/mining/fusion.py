@@ -44,13 +44,13 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
     templates, footprint = query_templates(query, layer, template_cells)
     matched = match_template(templates, footprint, lake.stack, scales)
     rows = np.arange(len(region))
-    reference = rows[np.asarray(lake.stack.frame_ids) != query.frame_id]
+    reference = rows[np.asarray(lake.frame_ids) != query.frame_id]
     fused, boxes, weight = fuse_evidence(region, glob, matched.scores, region_boxes, matched.boxes,
                                          reference if len(reference) else rows, weights, fusion, gate,
                                          diffusion=diffusion, diffusion_weight=diffusion_weight)
-    ranking = Ranking(lake.stack.frame_ids, fused.astype(np.float32), boxes.astype(np.float32))
+    ranking = Ranking(lake.frame_ids, fused.astype(np.float32), boxes.astype(np.float32))
     for i in np.argsort(-fused, kind="stable")[:keep_heatmaps]:
-        fid = lake.stack.frame_ids[i]
+        fid = lake.frame_ids[i]
         ranking.heatmaps[fid] = heatmap_for(matched, i, lake.stack)
         ranking.evidence[fid] = {"region": float(region[i]), "template": float(matched.scores[i]),
                                  "global": float(glob[i])}

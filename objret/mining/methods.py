@@ -35,9 +35,9 @@ def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: 
              keep_heatmaps: int = 0) -> Ranking:
     templates, footprint = query_templates(query, layer, template_cells)
     result = match_template(templates, footprint, lake.stack, scales)
-    ranking = Ranking(lake.stack.frame_ids, result.scores, result.boxes)
+    ranking = Ranking(lake.frame_ids, result.scores, result.boxes)
     for i in np.argsort(-result.scores, kind="stable")[:keep_heatmaps]:
-        fid = lake.stack.frame_ids[i]
+        fid = lake.frame_ids[i]
         ranking.heatmaps[fid] = heatmap_for(result, i, lake.stack)
         ranking.evidence[fid] = {"template": float(result.scores[i])}
     return ranking
@@ -45,22 +45,22 @@ def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: 
 
 def rank_gem(query: QueryObject, lake: LakeMaps, *, global_layer: str, gem_p: float) -> Ranking:
     scores = lake.global_vectors @ gem(query.maps[global_layer], gem_p)
-    sizes = lake.stack.image_sizes
+    sizes = lake.image_sizes
     boxes = np.stack([np.zeros(len(sizes)), np.zeros(len(sizes)), sizes[:, 0], sizes[:, 1]], axis=1)
-    return Ranking(lake.stack.frame_ids, scores.astype(np.float32), boxes.astype(np.float32))
+    return Ranking(lake.frame_ids, scores.astype(np.float32), boxes.astype(np.float32))
 
 
 def rank_regions(query: QueryObject, lake: LakeMaps, *, global_weight: float, gem_p: float) -> Ranking:
     scores, boxes = best_region_per_frame(query, lake)
     if global_weight:
         scores = scores + global_weight * (lake.global_vectors @ gem(query.maps["stride32"], gem_p))
-    return Ranking(lake.stack.frame_ids, scores.astype(np.float32), boxes)
+    return Ranking(lake.frame_ids, scores.astype(np.float32), boxes)
 
 
 def rank_rmac(query: QueryObject, lake: LakeMaps) -> Ranking:
     fmap = query.maps["stride32"]
     vector = rmac(fmap)
-    return Ranking(lake.stack.frame_ids, (lake.rmac_vectors @ vector).astype(np.float32), whole_frame_boxes(lake))
+    return Ranking(lake.frame_ids, (lake.rmac_vectors @ vector).astype(np.float32), whole_frame_boxes(lake))
 
 
 def rank_discovery(query: QueryObject, lake: LakeMaps) -> Ranking:
@@ -83,7 +83,7 @@ def rank_discovery(query: QueryObject, lake: LakeMaps) -> Ranking:
         order = np.lexsort((-sims, d.owner))  # per frame, best region first
         first = order[np.r_[True, d.owner[order][1:] != d.owner[order][:-1]]]
         boxes[d.owner[first]] = d.boxes[first]
-    return Ranking(lake.stack.frame_ids, scores, boxes)
+    return Ranking(lake.frame_ids, scores, boxes)
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,10 @@ class Method:
 
     name: str
     rank: Ranker
-    matches_template: bool = False   # matches the query's template: the query needs its mirror view
-    small_box_every_frame: bool = False   # a box under mining.small_box is matched on every frame: region
-                                          # descriptors cannot shortlist objects of a few cells
+    matches_template: bool = False   # matches the query's template: the query needs its mirror view, and a box
+                                     # under mining.small_box is shortlisted by the cell index
     every_frame: bool = False        # one cheap score a frame: no shortlist at all
+    fuses_diffusion: bool = False    # takes the query's region-graph diffusion as evidence
 
 
 def _fused(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
@@ -129,11 +129,12 @@ def _dtm(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (
-    Method("fused", _fused, matches_template=True, small_box_every_frame=True),
+    Method("fused", _fused, matches_template=True, fuses_diffusion=True),
     Method("regions", _regions),
     Method("dtm", _dtm, matches_template=True),
-    Method("gem", lambda query, lake, x: rank_gem(query, lake, global_layer="stride32", gem_p=x.gem_p)),
-    Method("rmac", lambda query, lake, x: rank_rmac(query, lake)),
+    Method("gem", lambda query, lake, x: rank_gem(query, lake, global_layer="stride32", gem_p=x.gem_p),
+           every_frame=True),
+    Method("rmac", lambda query, lake, x: rank_rmac(query, lake), every_frame=True),
     Method("discovery", lambda query, lake, x: rank_discovery(query, lake), every_frame=True),
 )}
 assert tuple(METHODS) == METHOD_NAMES, "objret.config.METHOD_NAMES names the registered methods"
@@ -148,6 +149,7 @@ def get_method(name: str) -> Method:
 
 def rank(method: str, query: QueryObject, lake: LakeMaps, inputs: RankInputs) -> Ranking:
     """Every frame of ``lake`` ranked for ``query`` by the method named ``method``."""
-    if inputs.diffusion is not None and method != "fused":
-        raise ValueError(f"diffusion evidence is fused by the fused method only, not {method!r}")
-    return get_method(method).rank(query, lake, inputs)
+    chosen = get_method(method)
+    if inputs.diffusion is not None and not chosen.fuses_diffusion:
+        raise ObjretError(f"diffusion evidence is fused by the fused method only, not {method!r}")
+    return chosen.rank(query, lake, inputs)

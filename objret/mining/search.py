@@ -1,67 +1,126 @@
-"""What a mining run reads, loaded once: the region index, the lake's frames and the maps of every indexed frame.
+"""What a mining run reads, opened once: the region index, the cell index, the lake's frames and a reader of
+each frame's maps.
 
 A process that mines many reports (a served deployment, a batch of reports, an evaluation) keeps one
-LakeSearch and pays the load once: a report then costs its own work only (query maps, shortlist, ranking).
+LakeSearch and pays the opening once: a report then costs its own work only (query maps, shortlist, ranking).
 objret.steps.mine keeps the current one per work folder; objret.eval.run ranks a bench through the same object.
 
-The maps are held in memory (about 1.3 MB a frame at 640 px for stride-8 maps in fp32): right for lakes of
-thousands of frames; a lake of millions needs them memory-mapped from disk and a small-object shortlist.
+Only what is small per frame is held for every frame: the whole-frame GeM vectors (fp16 -> 1.4 kB a frame as
+float32) and the indexes. The maps that template matching reads, and the region vectors of the candidates,
+are read per query for the frames it re-ranks (``lake_maps``): from the mining store (compact, memory-mapped)
+or, where kept, the fp16 feature cache; a lake no larger than ``resident_max`` frames is read once and kept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from objret.errors import ObjretError
-from objret.features.cache import FeatureCache
 from objret.graph.diffusion import GraphDiffusion
-from objret.index.region_index import RegionIndex
+from objret.index.cell_index import vote
+from objret.index.region_index import FrameHit, RegionIndex
 from objret.ingest.lake import Frame
-from objret.mining.lakemaps import LakeMaps, load_lake_maps
-from objret.regions.store import RegionStore
+from objret.mining.lakemaps import LakeMaps
+from objret.mining.template_matching import MapStack
+from objret.regions.encoding import RegionVectors
+
+MapReader = Callable[[list[str]], dict[str, np.ndarray]]   # frame ids -> {frame id: C x h x w map}
 
 
 @dataclass
 class LakeSearch:
     index: RegionIndex
     frames: dict[str, Frame]   # every lake frame (the query frame may be one that is not indexed)
-    maps: LakeMaps             # rows follow ``frame_ids``: the indexed frames still in the lake
-    frame_ids: list[str]
+    read_maps: MapReader       # the template-matching maps of frames (mining store or feature cache)
+    frame_ids: list[str]       # the indexed frames still in the lake (rows)
+    global_vectors: np.ndarray   # N x D whole-frame GeM vectors, rows follow frame_ids
+    encoding: RegionVectors    # how a query box becomes a region vector (layer, pooling, whitening); no vectors
+    cells: RegionIndex | None = None   # the small-object shortlist (objret.index.cell_index); None: regions only
+    rmac_vectors: np.ndarray | None = None   # N x D whole-frame R-MAC (method rmac)
+    discovery: object | None = None          # objret.graph.discovery.DiscoveryVectors (method discovery)
+    resident_max: int = 2000   # a lake of at most this many frames keeps its maps in memory once read whole
     diffusion: GraphDiffusion | None = None   # the region graph's diffusion, when a caller attached one
     key: str = ""              # what the caller loaded it for (objret.steps.mine.search_key)
     _graph_rows: tuple[str, np.ndarray] | None = field(default=None, repr=False)
-
-    @classmethod
-    def load(cls, index: RegionIndex, frames: list[Frame], cache: FeatureCache, region_store: RegionStore, *,
-             map_layer: str, gem_p: float, region_layer: str, pooling: str, whitening=None,
-             with_rmac: bool = False) -> "LakeSearch":
-        """The indexed frames among ``frames`` (the lake), their maps on ``map_layer``, whole-frame GeM vectors
-        and region vectors (encoded with ``whitening`` as the index's were)."""
-        by_id = {f.frame_id: f for f in frames}
-        ids = [f for f in index.frame_ids if f in by_id]
-        if not ids:
-            raise ObjretError("the index holds no frame of the lake: run build-index first")
-        # Frames of one shape side by side: template matching pads a block of frames to its largest map, and
-        # a portrait frame among landscape ones pads them all to a square.
-        ids.sort(key=lambda f: by_id[f].height / max(1, by_id[f].width))
-        maps = load_lake_maps(cache, [by_id[i] for i in ids], map_layer, gem_p=gem_p, regions=region_store.load(ids),
-                              region_layer=region_layer, pooling=pooling, whitening=whitening, with_rmac=with_rmac)
-        return cls(index, by_id, maps, ids)
+    _resident: LakeMaps | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        if not self.frame_ids:
+            raise ObjretError("the index holds no frame of the lake: run build-index first")
         self.row_of = {f: i for i, f in enumerate(self.frame_ids)}
+        self._frame_regions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.frame_ids)
 
     def rows(self, exclude: str | None = None) -> np.ndarray:
         """Every indexed frame but ``exclude`` (the query's own frame)."""
         return np.array([i for i, f in enumerate(self.frame_ids) if f != exclude], np.int64)
 
-    def shortlist(self, vector: np.ndarray, k: int, exclude: str | None = None) -> np.ndarray:
-        """Rows of the ``k`` frames whose best region is nearest ``vector`` in the region index."""
+    # ---- first stage -----------------------------------------------------------------------------
+
+    def region_shortlist(self, vector: np.ndarray, k: int, exclude: str | None = None) -> list[FrameHit]:
+        """The ``k`` frames whose best region is nearest ``vector`` in the region index, best first."""
         hits = self.index.best_frames(vector, k + 1)
-        return np.array([self.row_of[h.frame_id] for h in hits if h.frame_id in self.row_of and h.frame_id != exclude][:k],
-                        np.int64)
+        return [h for h in hits if h.frame_id in self.row_of and h.frame_id != exclude][:k]
+
+    def cell_shortlist(self, keys: np.ndarray, k: int, exclude: str | None = None) -> list[FrameHit]:
+        """The ``k`` frames the query template's cells ``keys`` vote for in the cell index (objret.index.cell_index)."""
+        if self.cells is None:
+            raise ObjretError("the lake has no cell index (the small-object shortlist): run build-index")
+        hits = vote(self.cells, keys, k + 1)   # + the query's own frame
+        return [h for h in hits if h.frame_id in self.row_of and h.frame_id != exclude][:k]
+
+    @property
+    def cells_layer(self) -> str | None:
+        """The map the cell index's cells come from (its recipe)."""
+        return None if self.cells is None else self.cells.recipe.get("layer")
+
+    # ---- what the methods read -------------------------------------------------------------------
+
+    def lake_maps(self, rows: np.ndarray) -> LakeMaps:
+        """The frames at ``rows`` as the methods read them: maps, GeM vectors, region vectors (and R-MAC or
+        OS.EGM vectors when loaded). Every row: read once and kept when the lake is at most ``resident_max``."""
+        rows = np.asarray(rows, np.int64)
+        whole = len(rows) == len(self.frame_ids) and np.array_equal(rows, np.arange(len(rows)))
+        if self._resident is not None:
+            return self._resident if whole else self._resident.subset(rows)
+        lake = self._read(rows)
+        if whole and len(rows) <= self.resident_max:
+            self._resident = lake
+        return lake
+
+    def _read(self, rows: np.ndarray) -> LakeMaps:
+        ids = [self.frame_ids[r] for r in rows]
+        sizes = [(self.frames[f].width, self.frames[f].height) for f in ids]
+
+        def stack() -> MapStack:   # read when a method matches templates, not before
+            maps = self.read_maps(ids)
+            return MapStack(ids, [maps[f] for f in ids], sizes)
+
+        region_ids, owner = self.regions_of(rows)
+        regions = RegionVectors(self.index.vectors(region_ids), owner, self.index.boxes[region_ids],
+                                self.encoding.layer, self.encoding.pooling, self.encoding.whitening)
+        return LakeMaps(stack, self.global_vectors[rows], regions,
+                        None if self.rmac_vectors is None else self.rmac_vectors[rows],
+                        None if self.discovery is None else self.discovery.subset(rows),
+                        frame_ids=ids, image_sizes=np.asarray(sizes, np.float32))
+
+    def regions_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The region index's regions of the frames at ``rows``: (region ids, position of their frame in rows)."""
+        if self._frame_regions is None:
+            index_row = self.index.rows_of(self.frame_ids)
+            owner = self.index.owner
+            order = np.argsort(owner, kind="stable")
+            starts = np.searchsorted(owner[order], np.arange(self.index.n_frames + 1))
+            self._frame_regions = (order, starts[index_row], starts[index_row + 1])
+        order, start, stop = self._frame_regions
+        counts = stop[rows] - start[rows]
+        ids = np.concatenate([order[a:b] for a, b in zip(start[rows], stop[rows])]) if len(rows) else np.zeros(0, np.int64)
+        return ids.astype(np.int64), np.repeat(np.arange(len(rows)), counts)
 
     def graph_rows(self, diffusion: GraphDiffusion) -> np.ndarray:
         """The graph's frame row of each row of this LakeSearch (computed once per graph version)."""

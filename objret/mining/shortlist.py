@@ -1,10 +1,14 @@
 """One query through candidate selection and ranking: the path ``objret mine`` and ``objret eval`` both take.
 
-Candidates: the ``mining.rerank`` frames whose best region is nearest the query's region vector in the region
-index (faiss), or every indexed frame when the method needs it (``discovery``: one cheap score a frame) or the
-query box covers under ``mining.small_box`` of its frame and the method matches templates there (``fused``:
-region descriptors cannot shortlist objects of a few cells). The query's own frame is never a candidate.
-The chosen method (objret.mining.methods) then ranks the candidates.
+First stage, cheap and sublinear in the lake: the ``mining.shortlist`` frames whose best region is nearest the
+query's region vector in the region index (faiss). A box under ``mining.small_box`` of its frame, for a method
+that matches templates (``fused``, ``dtm``), is found by the cell index instead (region descriptors cannot
+shortlist objects of a few cells: objret.index.cell_index), its list interleaved with the region index's so
+that other objects of the class stay in reach. Second stage: the chosen method (objret.mining.methods) ranks
+the first ``mining.rerank`` of them, reading their maps; the rest of the shortlist follows in first-stage order,
+below every re-ranked frame. A lake of at most ``mining.rerank`` frames is ranked whole, and so is every frame
+for a method that needs it (``discovery``, ``gem``, ``rmac``: one cheap score a frame). The query's own frame is
+never a candidate.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import numpy as np
 from objret.config import MiningParams
 from objret.errors import ObjretError
 from objret.graph.diffusion import GraphDiffusion
+from objret.index.cell_index import template_keys
+from objret.index.region_index import FrameHit
 from objret.mining.evidence import Ranking, query_region_vector
 from objret.mining.methods import Method, RankInputs, get_method
 from objret.mining.query import QueryObject
@@ -24,9 +30,11 @@ from objret.mining.search import LakeSearch
 
 @dataclass
 class QueryRanking:
-    ranking: Ranking          # the candidate frames (and, when every frame is a candidate, the query's own)
-    candidates: int           # frames mined: the query's own frame never is
-    vector: np.ndarray        # the query's region vector (the shortlist's key)
+    ranking: Ranking          # re-ranked frames, then the rest of the shortlist (and the query's own frame when
+                              # every frame was ranked)
+    candidates: int           # frames re-ranked by the method: the query's own frame never is
+    vector: np.ndarray        # the query's region vector (the region shortlist's key)
+    stage: str = "all"        # how the candidates were chosen: all | regions | cells+regions
     diffusion_solve: object | None = None   # objret.graph.centrality's CG solve, when diffusion was fused
 
 
@@ -35,12 +43,34 @@ def is_small(query: QueryObject, small_box: float) -> bool:
     return query.box[2] * query.box[3] < small_box * width * height
 
 
-def candidate_rows(search: LakeSearch, method: Method, query: QueryObject, vector: np.ndarray,
-                   mining: MiningParams) -> np.ndarray:
-    """Rows of ``search`` to rank for ``query`` (see the module's docstring)."""
-    if method.every_frame or (method.small_box_every_frame and is_small(query, mining.small_box)):
-        return search.rows(exclude=query.frame_id)
-    return search.shortlist(vector, mining.rerank, exclude=query.frame_id)
+def first_stage(search: LakeSearch, method: Method, query: QueryObject, vector: np.ndarray,
+                mining: MiningParams) -> tuple[str, list[FrameHit] | None]:
+    """How candidates are chosen and the shortlist, best first (None: every frame is a candidate)."""
+    others = len(search) - (query.frame_id in search.row_of)
+    if method.every_frame or others <= mining.rerank:
+        return "all", None
+    k = mining.shortlist
+    by_region = search.region_shortlist(vector, k, exclude=query.frame_id)
+    if not (method.matches_template and is_small(query, mining.small_box) and search.cells is not None):
+        return "regions", by_region
+    layer = search.cells_layer
+    keys = [template_keys(query.maps[layer], query.box, query.image_size, mining.template_cells)]
+    if query.mirror is not None:
+        m = query.mirror
+        keys.append(template_keys(m.maps[layer], m.box, m.image_size, mining.template_cells))
+    by_cell = search.cell_shortlist(np.concatenate(keys), k, exclude=query.frame_id)
+    return "cells+regions", interleave(by_cell, by_region, k)
+
+
+def interleave(first: list[FrameHit], second: list[FrameHit], k: int) -> list[FrameHit]:
+    """Alternate the two lists (first's frame first), each frame once, ``k`` at most."""
+    out, seen = [], set()
+    for pair in zip(first + [None] * (len(second) - len(first)), second + [None] * (len(first) - len(second))):
+        for hit in pair:
+            if hit is not None and hit.frame_id not in seen:
+                seen.add(hit.frame_id)
+                out.append(hit)
+    return out[:k]
 
 
 def rank_query(search: LakeSearch, query: QueryObject, method_name: str, mining: MiningParams, *, gem_p: float,
@@ -48,20 +78,34 @@ def rank_query(search: LakeSearch, query: QueryObject, method_name: str, mining:
     """Candidates for ``query`` ranked by the method ``method_name``; ``diffusion`` (fused only) adds the query's
     diffusion over the region graph as evidence."""
     method = get_method(method_name)
-    vector = query_region_vector(query, search.maps.regions)
-    rows = candidate_rows(search, method, query, vector, mining)
-    if not len(rows):
+    vector = query_region_vector(query, search.encoding)
+    stage, hits = first_stage(search, method, query, vector, mining)
+    if hits is None:
+        # Every frame: the whole lake as it is (the caller drops the query's own frame from the ranking).
+        rows, tail = np.arange(len(search)), []
+        candidates = len(search) - (query.frame_id in search.row_of)
+    else:
+        rows = np.array([search.row_of[h.frame_id] for h in hits[:mining.rerank]], np.int64)
+        tail, candidates = hits[mining.rerank:], len(rows)
+    if not candidates:
         raise ObjretError("the index holds no frame to mine besides the query: ingest a lake first")
-    candidates = len(rows)
-    if candidates == len(search.frame_ids) - (query.frame_id in search.row_of):
-        # Every frame: rank the resident lake as it is (a subset would gather every map again); the caller
-        # drops the query's own frame from the ranking.
-        rows = np.arange(len(search.frame_ids))
-    lake = search.maps if len(rows) == len(search.frame_ids) else search.maps.subset(rows)
+    lake = search.lake_maps(rows)
     scores = solve = None
     if diffusion is not None:
-        if method.name != "fused":
+        if not method.fuses_diffusion:
             raise ObjretError(f"diffusion evidence is fused by the fused method only, not {method.name!r}")
         scores, solve = diffusion.scores(vector, search.graph_rows(diffusion)[rows])
     ranking = method.rank(query, lake, RankInputs(mining, gem_p, keep_heatmaps, scores))
-    return QueryRanking(ranking, candidates, vector, solve)
+    if tail:
+        ranking = with_tail(ranking, tail)
+    return QueryRanking(ranking, candidates, vector, stage, solve)
+
+
+def with_tail(ranking: Ranking, tail: list[FrameHit]) -> Ranking:
+    """``ranking`` followed by ``tail`` (first-stage order, each with its first-stage box), every tail frame
+    scored below every ranked one."""
+    floor = float(np.min(ranking.scores)) if len(ranking.scores) else 0.0
+    scores = floor - 1.0 - np.arange(1, len(tail) + 1, dtype=np.float32) / len(tail)
+    boxes = np.array([h.box for h in tail], np.float32)
+    return Ranking(ranking.frame_ids + [h.frame_id for h in tail], np.concatenate([ranking.scores, scores]),
+                   np.concatenate([ranking.boxes, boxes]), ranking.heatmaps, ranking.evidence)

@@ -32,13 +32,15 @@ class MapStack:
         self.map_sizes = np.asarray([m.shape[-2:] for m in maps])      # (h, w) in cells
         channels = maps[0].shape[0]
         max_h, max_w = self.map_sizes.max(axis=0)
-        self._maps = torch.zeros(len(maps), channels, max_h, max_w)
-        self._valid = torch.zeros(len(maps), max_h, max_w, dtype=torch.bool)
-        self._index: torch.Tensor | None = None   # rows of _maps this stack shows (None: all)
+        block = np.zeros((len(maps), channels, max_h, max_w), np.float32)
+        valid = np.zeros((len(maps), max_h, max_w), bool)
         for i, m in enumerate(maps):
             h, w = m.shape[-2:]
-            self._maps[i, :, :h, :w] = l2n(torch.from_numpy(np.asarray(m, dtype=np.float32)), dim=0)
-            self._valid[i, :h, :w] = True
+            block[i, :, :h, :w] = m
+            valid[i, :h, :w] = True
+        self._maps = l2n(torch.from_numpy(block), dim=1)   # one pass over the block (padding stays zero)
+        self._valid = torch.from_numpy(valid)
+        self._index: torch.Tensor | None = None   # rows of _maps this stack shows (None: all)
 
     def __len__(self) -> int:
         return len(self.frame_ids)

@@ -26,6 +26,8 @@ from objret.mining.methods import get_method
 from objret.mining.query import QueryObject, mirrored_view
 from objret.mining.report import FailureReport, check_box_in_frame
 from objret.mining.search import LakeSearch
+from objret.regions.encoding import RegionVectors
+from objret.regions.sources import rmac
 from objret.mining.shortlist import QueryRanking, rank_query
 from objret.steps.discovery import lake_discovery
 from objret.steps.workspace import Workspace
@@ -58,7 +60,9 @@ def search_key(ws: Workspace) -> str:
     # Method discovery reads OS.EGM descriptors computed with the graph's parameters: a change of those is a
     # change of what is loaded.
     discovery = ws.params.graph.model_dump() if m.method == "discovery" else None
-    return json.dumps([str(Path(directory).resolve()), version, m.layer, m.method, ws.params.index.gem_p, discovery])
+    cells = (ws.cells_dir() / "CURRENT").read_text().strip() if (ws.cells_dir() / "CURRENT").exists() else None
+    return json.dumps([str(Path(directory).resolve()), version, cells, m.layer, m.maps, m.rerank, m.method,
+                       ws.params.index.gem_p, discovery])
 
 
 def open_search(ws: Workspace) -> LakeSearch:
@@ -77,17 +81,44 @@ def open_search(ws: Workspace) -> LakeSearch:
 
 
 def load_search(ws: Workspace, methods: list[str]) -> LakeSearch:
-    """The work folder's region index and the maps every method in ``methods`` reads (R-MAC vectors for
-    ``rmac``, OS.EGM descriptors for ``discovery``). The index must carry the descriptor recipe the current
-    parameters give (backbone, layer, pooling, whitening)."""
+    """The work folder's region and cell indexes, a reader of the maps template matching reads (the mining
+    store, or the fp16 feature cache with ``mining.maps: cache``) and the per-frame vectors every method in
+    ``methods`` reads (R-MAC for ``rmac``, OS.EGM descriptors for ``discovery``). Each index must carry the
+    recipe the current parameters give (backbone, layer, pooling, whitening)."""
     m, rp = ws.params.mining, ws.params.regions
     index = RegionIndex.load(ws.current_index_dir(), recipe=ws.index_recipe())
-    search = LakeSearch.load(index, ws.lake.frames(), ws.cache, ws.region_store, map_layer=m.layer,
-                             gem_p=ws.params.index.gem_p, region_layer=rp.layer, pooling=rp.pooling,
-                             whitening=ws.load_whitening(), with_rmac="rmac" in methods)
+    frames = {f.frame_id: f for f in ws.lake.frames()}
+    ids = [f for f in index.frame_ids if f in frames]
+    if not ids:
+        raise ObjretError("the index holds no frame of the lake: run build-index first")
+    store = ws.map_store
+    if m.maps == "store":
+        read_maps = store.load_maps
+    else:
+        def read_maps(frame_ids):
+            return ws.cache.load(frame_ids, m.layer)
+    cells = None
+    if (ws.cells_dir() / "CURRENT").exists():
+        cells = RegionIndex.load(ws.cells_dir(), recipe=ws.cells_recipe())
+    whitening = ws.load_whitening()
+    encoding = RegionVectors(np.zeros((0, index.dim), np.float32), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
+                             rp.layer, rp.pooling, whitening)
+    search = LakeSearch(index, frames, read_maps, ids, store.gem_vectors(ids), encoding, cells=cells,
+                        resident_max=m.rerank)
+    if "rmac" in methods:
+        search.rmac_vectors = lake_rmac(ws, ids)
     if "discovery" in methods:
-        search.maps.discovery = lake_discovery(ws, [search.frames[f] for f in search.frame_ids])
+        search.discovery = lake_discovery(ws, [frames[f] for f in ids])
     return search
+
+
+def lake_rmac(ws: Workspace, frame_ids: list[str], batch: int = 256) -> np.ndarray:
+    """Whole-frame R-MAC vectors (the rmac baseline), pooled from the feature cache's stride-32 maps."""
+    out = []
+    for start in range(0, len(frame_ids), batch):
+        maps = ws.cache.load(frame_ids[start:start + batch], "stride32")
+        out += [rmac(maps[f]) for f in frame_ids[start:start + batch]]
+    return np.stack(out)
 
 
 def resolve_query(ws: Workspace, report: FailureReport) -> tuple[Frame | None, np.ndarray | None, str]:

@@ -70,6 +70,24 @@ class Workspace:
         return {"backbone": self.backbone.spec.cache_key(), "layer": rp.layer, "pooling": rp.pooling,
                 "regions": self.region_store.dir.name, "whitening": whitening.version() if whitening else None}
 
+    @cached_property
+    def map_store(self):
+        """The mining store of the current backbone, mining.layer and code size."""
+        from objret.index.map_store import MapStore
+
+        layer, pq_m = self.params.mining.layer, self.params.index.map_store.pq_m
+        return MapStore(self.root / "store" / f"{self.backbone.spec.cache_key()}-{layer}-m{pq_m}")
+
+    def cells_dir(self) -> Path:
+        """The cell index of the current backbone and cell parameters."""
+        c = self.params.index.cells
+        return self.root / "cells" / f"{self.backbone.spec.cache_key()}-{c.layer}-n{c.per_frame}"
+
+    def cells_recipe(self) -> dict:
+        """How the cell index's vectors are made (checked when it is opened, like the region index's recipe)."""
+        c = self.params.index.cells
+        return {"backbone": self.backbone.spec.cache_key(), "layer": c.layer, "per_frame": c.per_frame}
+
     def graph_dir(self) -> Path:
         """The region graph of the current region index: the same sub-path under ``graph/`` as under ``index/``."""
         return self.root / "graph" / self.current_index_dir().relative_to(self.root / "index")

@@ -171,13 +171,15 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
 
     search = open_search(ws)
     assert open_search(ws) is search and len(search.frame_ids) == 24
-    assert len(search.maps.stack) == 24 and search.maps.stack.maps.shape[1] > 0
+    assert len(search.lake_maps(search.rows())) == 24 and search.lake_maps(search.rows()).stack.maps.shape[1] > 0
+    assert search.cells is not None and search.cells.frame_ids == search.frame_ids   # the small-object shortlist
 
     result = build_index_flow(sources=[str(pets_video), str(pets_video_2)], overrides=SMALL, workdir=str(workdir))
     assert [r["added"] for r in result["ingest"]] == [0, 4]
     # ... and again once the index has a new version.
     grown = open_search(ws)
-    assert grown is not search and len(grown.frame_ids) == 28 and len(grown.maps.stack) == 28
+    assert grown is not search and len(grown.frame_ids) == 28 and grown.cells.n_frames == 28   # cells added
+    assert result["store"]["store"]["stored"] == 4 and result["store"]["store"]["already_stored"] == 24
     assert result["features"]["computed"] == 4 and result["features"]["already_cached"] == 24
     assert result["regions"]["extracted"] == 4 and result["regions"]["already_stored"] == 24
     new_ids = [f.frame_id for f in ws.lake.frames() if f.source.endswith("pets2.avi")]

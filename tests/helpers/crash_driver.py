@@ -35,11 +35,11 @@ import time
 import traceback
 from pathlib import Path
 
-STEPS = ("ingest", "features", "regions", "whitening", "index", "graph")
+STEPS = ("ingest", "features", "regions", "whitening", "index", "store", "graph")
 
 
 def run_steps(ws, sources: list[str], mark) -> None:
-    from objret.steps import features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, regions as regions_step, whitening as whitening_step
+    from objret.steps import features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, regions as regions_step, store as store_step, whitening as whitening_step
 
     mark("ingest")
     ingest_step.ingest(ws, sources, progress=False)
@@ -51,7 +51,10 @@ def run_steps(ws, sources: list[str], mark) -> None:
     whitening_step.whitening(ws)
     mark("index")
     index_step.build_index(ws)
-    mark("graph")
+    mark("store")
+    stored = store_step.store(ws, progress=False)
+    store_step.cells(ws, progress=False)
+    mark("graph", stored=stored.stored, already_stored=stored.already_stored)
     graphed = graph_step.graph(ws)
     mark("done", graph=graphed.mode)
 
@@ -164,6 +167,13 @@ class Driver:
             state["index_frames"] = RegionIndex.load(ws.current_index_dir(), use_gpu=False).n_frames
             graph = load_graph(ws.graph_dir())
             state["graph_nodes"] = graph.nodes if graph is not None else None
+        maps = ws.map_store.__class__(ws.map_store.dir)   # a fresh reader: every shard opened, every frame checked
+        stored = sorted(maps.stored_ids())
+        maps.load_maps(stored)
+        state["stored"] = len(stored)
+        cells_dir = ws.cells_dir()
+        state["cell_frames"] = (RegionIndex.load(cells_dir, use_gpu=False).n_frames
+                                if current_version(cells_dir) else 0)
         state["temp_files"] = sorted(str(p.relative_to(root)) for p in Path(root).rglob("*.tmp"))
         return state
 

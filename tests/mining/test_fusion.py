@@ -1,8 +1,8 @@
 """objret.mining.methods's region-based methods over a small real lake: ``fused`` (region, whole-frame and template
-evidence fused), ``regions`` and the ``rmac`` baseline, with LakeMaps built the way objret.mining.lakemaps builds
-them (stored regions, region_vectors), on lite0 maps at 320 px of 12 bench frames, one of which holds a pasted
-object; and candidate selection (objret.mining.shortlist: the region index's shortlist of ``mining.rerank``
-frames, every frame for a small box) over a LakeSearch of the same lake with a real RegionIndex."""
+evidence fused), ``regions`` and the ``rmac`` baseline, with LakeMaps built from stored regions (region_vectors),
+on lite0 maps at 320 px of 12 bench frames, one of which holds a pasted object; and candidate selection
+(objret.mining.shortlist: the region index's shortlist, the cell index's for a small box, ``mining.rerank`` of
+them re-ranked) over a LakeSearch of the same lake with a real RegionIndex and cell index."""
 
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ from objret.mining.fusion import fuse_evidence, rank_fused
 from objret.mining.lakemaps import LakeMaps
 from objret.mining.methods import QueryObject, RankInputs, get_method, rank
 from objret.mining.search import LakeSearch
-from objret.mining.shortlist import candidate_rows, is_small, rank_query
+from objret.index.cell_index import salient_cells, template_keys
+from objret.mining.shortlist import first_stage, interleave, is_small, rank_query
 from objret.mining.template_matching import MapStack
 from objret.regions.encoding import region_vectors
 from objret.regions.pooling import box_to_cells, gem
-from objret.regions.sources import SOURCES, frame_regions, pool_regions, rmac
+from objret.regions.sources import SOURCES, cells_to_pixels, frame_regions, pool_regions, rmac
 from objret.regions.store import RegionStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -97,7 +98,16 @@ def scene(bench_dir, tmp_path_factory):
     # The region index as build-index fills it: every region of every frame, with its frame and box.
     index = RegionIndex(regions.vectors.shape[1], kind="flat", use_gpu=False)
     index.add([ids[o] for o in regions.owner], regions.vectors, regions.boxes)
-    search = LakeSearch(index, {f.frame_id: f for f in frames}, lake, list(ids))
+    # The cell index as objret.steps.store fills it: each frame's most distinctive stride-16 cells.
+    cells = RegionIndex(maps["A"]["stride16"].shape[0], kind="flat", use_gpu=False, recipe={"layer": "stride16"})
+    for f in frames:
+        fmap = maps[f.frame_id]["stride16"]
+        vectors, boxes = salient_cells(fmap, 64)
+        cells.add([f.frame_id] * len(vectors), vectors,
+                  cells_to_pixels(boxes, fmap.shape[-2:], np.array([f.width, f.height], np.float32)))
+    search = LakeSearch(index, {f.frame_id: f for f in frames},
+                        lambda wanted: {i: maps[i]["stride16"] for i in wanted}, list(ids), lake.global_vectors,
+                        regions, cells=cells, rmac_vectors=lake.rmac_vectors)
     return SimpleNamespace(ids=ids, lake=lake, query=query, params=params, paste_box=paste_box, box=box,
                            frames=frames, per_frame=per_frame, maps=maps, search=search, gem_p=params.index.gem_p)
 
@@ -167,10 +177,16 @@ def test_fused_puts_the_pasted_frame_first_with_its_box(scene):
     assert dtm.scores[b] == max(dtm.scores[scene.ids.index(f)] for f in scene.ids if f != "A")
 
 
+def _first_stage(scene, method: str, mining):
+    vector = query_region_vector(scene.query, scene.lake.regions)
+    stage, hits = first_stage(scene.search, get_method(method), scene.query, vector, mining)
+    return stage, None if hits is None else [h.frame_id for h in hits]
+
+
 def test_a_large_box_ranks_the_region_index_shortlist_only(scene):
-    """A box over ``mining.small_box`` of its frame: the ``mining.rerank`` frames whose best region is nearest
-    the query's region vector in the index are the candidates (the query's own frame never), and the fused
-    evidence is standardised over those candidates; the frames outside are not ranked at all."""
+    """A box over ``mining.small_box`` of its frame: the frames whose best region is nearest the query's region
+    vector in the index are the shortlist (the query's own frame never); the first ``mining.rerank`` are
+    re-ranked, fused evidence standardised over them alone, and the rest follow in the index's order."""
     k = 5
     mining = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0", "mining.fusion=sum")
     assert not is_small(scene.query, mining.small_box)
@@ -179,89 +195,95 @@ def test_a_large_box_ranks_the_region_index_shortlist_only(scene):
     by_region = [scene.ids[i] for i in np.argsort(-region, kind="stable")]
     assert by_region[0] == "A"   # the query's own frame is the index's best hit: excluding it is real work
     expected = [f for f in by_region if f != "A"][:k]
+    stage, shortlist = _first_stage(scene, "fused", mining)
+    assert stage == "regions" and shortlist == [f for f in by_region if f != "A"]   # best region first
 
-    rows = candidate_rows(scene.search, get_method("fused"), scene.query, vector, mining)
-    assert [scene.ids[r] for r in rows] == expected   # exactly k, best region first
     result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=k)
     ranking = result.ranking
-    assert result.candidates == k and ranking.frame_ids == expected and "A" not in ranking.frame_ids
+    head = ranking.frame_ids[:k]
+    assert result.candidates == k and result.stage == "regions" and "A" not in ranking.frame_ids
+    assert sorted(head) == sorted(expected)
+    assert ranking.frame_ids[k:] == shortlist[k:]   # the rest of the shortlist, in the index's order ...
+    assert ranking.scores[k:].max() < ranking.scores[:k].min()   # ... below every re-ranked frame
+    assert np.all(np.diff(ranking.scores[k:]) < 0)
+    tail_rows = [scene.ids.index(f) for f in shortlist[k:]]
+    np.testing.assert_allclose(ranking.boxes[k:], region_boxes[tail_rows], atol=1e-3)   # their best region's box
     np.testing.assert_allclose(result.vector, vector, atol=1e-6)
     assert set(ranking.heatmaps) == set(ranking.evidence) == set(expected)   # every candidate template-matched
 
     # The scores: the evidence of the whole lake at the candidates, standardised over the candidates alone.
     glob = scene.lake.global_vectors @ gem(scene.query.maps["stride32"], scene.gem_p)
     dtm = rank("dtm", scene.query, scene.lake, _inputs(scene))
-    at = np.array([scene.ids.index(f) for f in expected])
+    at = np.array([scene.ids.index(f) for f in head])
     scores, boxes, weight = fuse_evidence(region[at], glob[at], dtm.scores[at], region_boxes[at], dtm.boxes[at],
                                           np.arange(k), mining.weights, "sum", mining.gate)
     assert weight is None
-    np.testing.assert_allclose(ranking.scores, scores, atol=1e-4)
-    np.testing.assert_allclose(ranking.boxes, dtm.boxes[at], atol=1e-3)   # sum fusion: the template's boxes
+    np.testing.assert_allclose(ranking.scores[:k], scores, atol=1e-4)
+    np.testing.assert_allclose(ranking.boxes[:k], dtm.boxes[at], atol=1e-3)   # sum fusion: the template's boxes
     whole = rank("fused", scene.query, scene.lake, _inputs(scene, "mining.fusion=sum"))
-    assert not np.allclose(ranking.scores, whole.scores[at], atol=1e-2)   # not the whole lake's standardisation
-    for fid in expected:
+    assert not np.allclose(ranking.scores[:k], whole.scores[at], atol=1e-2)   # not the whole lake's standardisation
+    for fid in head:
         i = scene.ids.index(fid)
         assert ranking.evidence[fid]["region"] == pytest.approx(float(region[i]), abs=1e-5)
         assert ranking.evidence[fid]["template"] == pytest.approx(float(dtm.scores[i]), abs=1e-4)
 
+    # mining.shortlist cuts the list the first stage returns.
+    short = rank_query(scene.search, scene.query, "fused", _mining(scene, f"mining.rerank={k}", "mining.shortlist=7",
+                                                                    "mining.small_box=0.0"), gem_p=scene.gem_p)
+    assert len(short.ranking.frame_ids) == 7 and short.ranking.frame_ids[k:] == shortlist[k:7]
     # The shortlist is the index's alone: the fusion weights do not change it.
     no_global = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0",
                         "mining.weights={region: 1.0, template: 1.0, global: 0.0}")
-    np.testing.assert_array_equal(candidate_rows(scene.search, get_method("fused"), scene.query, vector, no_global),
-                                  rows)
-    # A shortlist as long as the lake is every frame: the resident lake ranked whole, the query's frame in it.
+    assert _first_stage(scene, "fused", no_global)[1] == shortlist
+    # A lake no larger than rerank is ranked whole, the query's frame in it.
     every = rank_query(scene.search, scene.query, "fused", _mining(scene, "mining.rerank=50", "mining.small_box=0.0",
                                                                   "mining.fusion=sum"), gem_p=scene.gem_p)
-    assert every.candidates == len(scene.ids) - 1 and every.ranking.frame_ids == scene.ids
+    assert every.candidates == len(scene.ids) - 1 and every.ranking.frame_ids == scene.ids and every.stage == "all"
     np.testing.assert_allclose(every.ranking.scores, whole.scores, atol=1e-6)
 
 
-def test_small_boxes_are_matched_on_every_frame(scene):
-    """A box under ``small_box`` of its frame skips the region shortlist for the fused method: every frame gets
-    template evidence, the same as plain template matching gives it."""
-    n = len(scene.ids)
+def test_a_small_box_is_shortlisted_by_the_cell_index(scene):
+    """A box under ``small_box`` of its frame, for a method that matches templates: the cell index's frames
+    (voted for by the box's template cells) interleaved with the region index's: the pasted
+    clock's frame B is the cell index's best, and the clean copy of B (the same street without it) is not near."""
     mining = _mining(scene, "mining.rerank=1", "mining.small_box=1.0")
     assert is_small(scene.query, mining.small_box)
-    result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=n)
-    ranking = result.ranking
-    assert result.candidates == n - 1 and ranking.frame_ids == scene.ids   # every frame but the query's own
-    dtm = rank("dtm", scene.query, scene.lake, _inputs(scene))
-    assert set(ranking.evidence) == set(scene.ids)
-    for i, fid in enumerate(scene.ids):
-        assert ranking.evidence[fid]["template"] == pytest.approx(float(dtm.scores[i]), abs=1e-4)
-    assert _order_without(ranking)[0] == "B"
-    direct = rank("fused", scene.query, scene.lake, _inputs(scene, "mining.rerank=1", "mining.small_box=1.0"))
-    np.testing.assert_allclose(ranking.scores, direct.scores, atol=1e-6)
-
-    # Without small_box the same rerank=1 template-matches one frame only: the index's best but the query's.
-    vector = query_region_vector(scene.query, scene.lake.regions)
-    region, _ = best_region_per_frame(scene.query, scene.lake)
-    best = next(scene.ids[i] for i in np.argsort(-region, kind="stable") if scene.ids[i] != "A")
-    one = rank_query(scene.search, scene.query, "fused", _mining(scene, "mining.rerank=1", "mining.small_box=0.0"),
-                     gem_p=scene.gem_p, keep_heatmaps=n)
-    assert one.candidates == 1 and one.ranking.frame_ids == [best] and list(one.ranking.evidence) == [best]
+    _, by_region = _first_stage(scene, "fused", _mining(scene, "mining.rerank=1", "mining.small_box=0.0"))
+    keys = template_keys(scene.query.maps["stride16"], scene.query.box, scene.query.image_size, 3)
+    assert keys.shape == (9, 112)   # the clock's 3 x 3 template cells vote (lite0 stride 16: 112 channels)
+    by_cell = scene.search.cell_shortlist(keys, 20, exclude="A")
+    assert by_cell[0].frame_id == "B" and "A" not in [h.frame_id for h in by_cell]
+    assert by_cell[0].score > [h.score for h in by_cell if h.frame_id == "B_clean"][0] + 0.05
+    assert iou_xywh(by_cell[0].box, scene.paste_box) > 0   # its best cell lies on the clock
+    stage, shortlist = _first_stage(scene, "fused", mining)
+    assert stage == "cells+regions" and shortlist[0] == "B" and "A" not in shortlist
+    regions_hits = scene.search.region_shortlist(query_region_vector(scene.query, scene.lake.regions), 20, exclude="A")
+    assert shortlist == [h.frame_id for h in interleave(by_cell, regions_hits, 20)]
+    assert sorted(shortlist) == sorted(f for f in scene.ids if f != "A")   # each frame once
+    result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=1)
+    assert result.candidates == 1 and result.ranking.frame_ids[0] == "B" and list(result.ranking.evidence) == ["B"]
+    b = result.ranking
+    assert iou_xywh(b.boxes[0], scene.paste_box) >= 0.3, (b.boxes[0], scene.paste_box)
 
     # The threshold is the box's share of its frame (0.077 for the clock), strictly below.
     width, height = scene.query.image_size
     share = scene.box[2] * scene.box[3] / (width * height)
-    fused = get_method("fused")
-    above = candidate_rows(scene.search, fused, scene.query, vector, _mining(scene, "mining.rerank=1",
-                                                                            f"mining.small_box={share * 1.01}"))
-    below = candidate_rows(scene.search, fused, scene.query, vector, _mining(scene, "mining.rerank=1",
-                                                                            f"mining.small_box={share * 0.99}"))
-    assert len(above) == n - 1 and scene.ids.index("A") not in above.tolist()
-    assert [scene.ids[r] for r in below] == [best]
-    # Only a method that matches templates on every frame for a small box does: dtm and regions keep the
-    # shortlist; discovery (one cheap score a frame) never has one.
-    for name in ("dtm", "regions", "gem", "rmac"):
-        assert not get_method(name).small_box_every_frame
-        assert [scene.ids[r] for r in candidate_rows(scene.search, get_method(name), scene.query, vector,
-                                                     mining)] == [best], name
-    every = candidate_rows(scene.search, get_method("discovery"), scene.query, vector,
-                           _mining(scene, "mining.rerank=1", "mining.small_box=0.0"))
-    assert sorted(every.tolist()) == [i for i, f in enumerate(scene.ids) if f != "A"]
-    dtm_small = rank_query(scene.search, scene.query, "dtm", mining, gem_p=scene.gem_p)
-    assert dtm_small.candidates == 1 and dtm_small.ranking.frame_ids == [best]
+    assert _first_stage(scene, "fused", _mining(scene, "mining.rerank=1", f"mining.small_box={share * 1.01}"))[0] \
+        == "cells+regions"
+    assert _first_stage(scene, "fused", _mining(scene, "mining.rerank=1", f"mining.small_box={share * 0.99}"))[0] \
+        == "regions"
+    # dtm matches templates too; regions keeps the region shortlist; the whole-frame baselines and discovery
+    # score every frame (one cheap score a frame).
+    assert _first_stage(scene, "dtm", mining)[0] == "cells+regions"
+    assert _first_stage(scene, "regions", mining) == ("regions", by_region)
+    for name in ("gem", "rmac", "discovery"):
+        assert _first_stage(scene, name, mining) == ("all", None)
+    # Without a cell index (a lake built before it existed) the region index shortlists alone.
+    cells, scene.search.cells = scene.search.cells, None
+    try:
+        assert _first_stage(scene, "fused", mining) == ("regions", by_region)
+    finally:
+        scene.search.cells = cells
 
 
 def test_regions_method_returns_region_boxes_in_pixels(scene):
@@ -345,7 +367,7 @@ def test_max_fusion_takes_the_better_evidence(scene):
 def test_a_subset_of_the_lake_ranks_its_frames_as_the_whole_lake_does(scene):
     rows = [scene.ids.index(k) for k in ("B", "kitti_40", "zebra", "B_clean")]
     sub = scene.lake.subset(rows)
-    assert sub.stack.frame_ids == ["B", "kitti_40", "zebra", "B_clean"]
+    assert sub.frame_ids == sub.stack.frame_ids == ["B", "kitti_40", "zebra", "B_clean"]
     assert len(sub.regions.vectors) == sum(len(scene.per_frame[scene.ids[r]][0]) for r in rows)
     inputs = _inputs(scene)
     whole = rank("regions", scene.query, scene.lake, inputs)
@@ -476,14 +498,14 @@ def test_diffusion_over_a_real_region_graph_ranks_with_the_fused_method(scene):
                                                              diffusion=frame_scores))
     assert _order_without(ranking)[0] == "B"      # the pasted clock still first (adaptive fusion)
     assert len(ranking.evidence) == 3 and all("diffusion" in e for e in ranking.evidence.values())
-    with pytest.raises(ValueError, match="fused method only"):
+    with pytest.raises(ObjretError, match="fused method only"):
         rank("regions", scene.query, scene.lake, _inputs(scene, *weighted, diffusion=frame_scores))
     with pytest.raises(ValueError, match="one score per frame"):
         rank("fused", scene.query, scene.lake, _inputs(scene, *weighted, diffusion=frame_scores[:5]))
 
     # Through the mining path, with the index's own search: the candidates' diffusion scores are fused.
     by_index = GraphDiffusion(graph.matrix, regions.owner, list(ids), scene.search.index.search, k=10, max_iter=20)
-    mining = _mining(scene, *weighted, "mining.rerank=4", "mining.small_box=0.0")
+    mining = _mining(scene, *weighted, "mining.rerank=4", "mining.shortlist=4", "mining.small_box=0.0")
     result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=4,
                         diffusion=by_index)
     candidates = result.ranking.frame_ids

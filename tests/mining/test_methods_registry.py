@@ -18,14 +18,14 @@ def test_every_configurable_method_is_registered_under_its_name():
 
 
 def test_the_flags_candidate_selection_reads():
-    flags = {name: (m.matches_template, m.small_box_every_frame, m.every_frame) for name, m in METHODS.items()}
+    flags = {name: (m.matches_template, m.every_frame, m.fuses_diffusion) for name, m in METHODS.items()}
     assert flags == {
-        "fused": (True, True, False),       # template evidence: mirror view; a small box matched on every frame
+        "fused": (True, False, True),       # template evidence: mirror view, cell shortlist for a small box
         "regions": (False, False, False),
-        "dtm": (True, False, False),        # matches templates, but on the shortlist only
-        "gem": (False, False, False),
-        "rmac": (False, False, False),
-        "discovery": (False, False, True),  # one cheap score a frame: no shortlist
+        "dtm": (True, False, False),
+        "gem": (False, True, False),        # one cheap score a frame: no shortlist
+        "rmac": (False, True, False),
+        "discovery": (False, True, False),
     }
 
 
@@ -52,5 +52,5 @@ def test_diffusion_evidence_is_refused_for_a_method_that_does_not_fuse_it():
     inputs = RankInputs(params.mining, params.index.gem_p, diffusion=[0.0])
     for name in METHOD_NAMES:
         if name != "fused":
-            with pytest.raises(ValueError, match=f"fused method only, not {name!r}"):
+            with pytest.raises(ObjretError, match=f"fused method only, not {name!r}"):
                 rank(name, None, None, inputs)

@@ -45,12 +45,13 @@ OVERRIDES = [
     "regions.sources=[whole, uniform, egm]", "regions.batch=2",
     "regions.whitening={enabled: true, dim: 32, shrinkage: 0.0, max_samples: 200000, refit_growth: 1.0}",
     "index.region_kind=flat", "graph.k=10", "graph.recall_sample=100",
+    "mining.layer=stride16", "index.map_store={pq_m: 8, train_frames: 200, shard_frames: 2}",
 ]
-STEPS = ("ingest", "features", "regions", "whitening", "index", "graph")
+STEPS = ("ingest", "features", "regions", "whitening", "index", "store", "graph")
 # Three rounds of kills aimed at each step in turn (features and regions twice: they hold most write points), one
 # of kills at uniformly random moments of the run and two of kills at a rename (a temp written, not renamed):
 # 3 x 8 + up to 8 + up to 2 x 6.
-TARGETED = ["ingest", "features", "features", "regions", "regions", "whitening", "index", "graph"]
+TARGETED = ["ingest", "features", "features", "regions", "regions", "whitening", "index", "store", "graph"]
 SEED = int(os.environ.get("OBJRET_CRASH_SEED", "7"))   # another seed: another set of kill points
 
 
@@ -94,7 +95,8 @@ def fingerprint(root: Path) -> dict[str, str]:
     out["lake/frames"] = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root)
-        if rel.parts[0] not in ("features", "regions", "whitening", "index", "graph") or path.suffix == ".tmp":
+        if rel.parts[0] not in ("features", "regions", "whitening", "index", "store", "cells", "graph") \
+                or path.suffix == ".tmp":
             continue   # the lake is compared by its rows; MLflow's records (a flow run's) are no artifact
         parts = list(rel.parts)
         current = path.parent.parent / "CURRENT"
@@ -145,6 +147,7 @@ def test_every_killed_build_resumes_to_the_uninterrupted_result(crash_runs):
     kinds = Counter(key.split("/")[0] for key in reference)
     assert kinds["features"] == 7 and kinds["regions"] == 7   # 14 frames in shards and batches of 2
     assert kinds["index"] >= 4 and kinds["graph"] >= 4 and kinds["whitening"] == 2
+    assert kinds["store"] == 1 + 7 and kinds["cells"] >= 4   # codebooks + 7 shards of 2 frames; the cell index
 
     assert len(report["rounds"]) == len(plan["rounds"])
     kills, landed, identical, resumed, temps = [], Counter(), [], Counter(), []
@@ -166,7 +169,7 @@ def test_every_killed_build_resumes_to_the_uninterrupted_result(crash_runs):
         final_state = round_["final"]["state"]
         assert final_state["temp_files"] == []   # the last run removed what the killed ones left
         assert (final_state["frames"], final_state["cached"], final_state["region_frames"],
-                final_state["index_frames"]) == (14, 14, 14, 14)
+                final_state["index_frames"], final_state["stored"], final_state["cell_frames"]) == (14,) * 6
         identical.append(fingerprint(Path(round_["dir"])) == reference)
     assert len(kills) >= 20
     assert set(STEPS) <= set(landed), landed   # kills landed in every step
@@ -185,7 +188,7 @@ def test_every_killed_build_resumes_to_the_uninterrupted_result(crash_runs):
 def test_the_visible_state_after_each_kill_only_grows(crash_runs):
     _, report = crash_runs
     for round_ in report["rounds"]:
-        before = {"frames": 0, "cached": 0, "region_frames": 0}
+        before = {"frames": 0, "cached": 0, "region_frames": 0, "stored": 0}
         for run in [*round_["runs"], round_["final"]]:
             state = run["state"]
             for key, value in before.items():

@@ -49,6 +49,7 @@ class FeaturesParams(Section):
     layers: list[Layer]
     batch_size: int = Field(ge=1)
     shard_size: int = Field(ge=1)
+    keep_cache: bool
 
 
 class EgmParams(Section):

@@ -81,12 +81,14 @@ def store(ws: Workspace) -> dict:
     """The mining store (compact maps + GeM vectors) and the cell index of the small-object shortlist."""
     stored = store_step.store(ws)
     cells = store_step.cells(ws)
+    dropped = store_step.prune_cache(ws)   # features.keep_cache: false
     log_metrics({"store_frames_written": stored.stored, "store_bytes_per_frame": stored.bytes_per_frame,
-                 "cells_frames": cells.frames, "cells": cells.cells, "cells_bytes_per_frame": cells.bytes_per_frame})
+                 "cells_frames": cells.frames, "cells": cells.cells, "cells_bytes_per_frame": cells.bytes_per_frame,
+                 "cache_shards_dropped": dropped})
     get_run_logger().info("mining store: %d frames written (%d before), %.0f bytes a frame; cell index: %d frames, "
                           "%d windows, %.0f bytes a frame", stored.stored, stored.already_stored,
                           stored.bytes_per_frame, cells.frames, cells.cells, cells.bytes_per_frame)
-    return {"store": asdict(stored), "cells": asdict(cells)}
+    return {"store": asdict(stored), "cells": asdict(cells), "cache_shards_dropped": dropped}
 
 
 @task(name="graph", cache_policy=NO_CACHE)

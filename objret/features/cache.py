@@ -79,6 +79,17 @@ class FeatureCache:
         self._read_new_shards()
         return set(self._where)
 
+    def shard_frames(self, shard: Path) -> list[str]:
+        with safe_open(shard, framework="numpy") as f:
+            return json.loads(f.metadata()["frames"])
+
+    def drop_shard(self, shard: Path) -> None:
+        """Delete a shard (its frames are no longer cached)."""
+        for fid in self.shard_frames(shard):
+            self._where.pop(fid, None)
+        self._read.discard(shard)
+        shard.unlink()
+
     def write_shard(self, maps: dict[str, dict[str, np.ndarray]], meta: dict) -> Path:
         """Store ``{frame_id: {layer: C x h x w}}`` as one shard, atomically."""
         frame_ids = sorted(maps)

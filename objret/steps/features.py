@@ -12,6 +12,9 @@ def features(ws: Workspace, progress: bool = True, frame_ids: list[str] | None =
     scale-out run, objret.steps.chunks)."""
     f = ws.params.features
     frames = ws.lake.frames()
+    if not f.keep_cache:   # frames whose cache shard was dropped once they were encoded (objret.steps.store)
+        stored = ws.map_store.stored_ids()
+        frames = [frame for frame in frames if frame.frame_id not in stored]
     if frame_ids is not None:
         wanted = set(frame_ids)
         frames = [frame for frame in frames if frame.frame_id in wanted]

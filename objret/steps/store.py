@@ -21,6 +21,24 @@ SAVE_EVERY = 32              # cell index batches between saves
 GLOBAL_LAYER = "stride32"   # whole-frame GeM vectors (methods gem, regions, fused) are pooled from this layer
 
 
+def prune_cache(ws: Workspace) -> int:
+    """With ``features.keep_cache: false``: delete every feature cache shard whose frames are all in the mining
+    store, the region store and the cell index (what later steps and mining read of them); returns how many."""
+    if ws.params.features.keep_cache:
+        return 0
+    done = ws.map_store.stored_ids() & ws.region_store.stored_ids()
+    if (ws.cells_dir() / "CURRENT").exists():
+        done &= set(RegionIndex.load(ws.cells_dir(), recipe=ws.cells_recipe()).frame_ids)
+    else:
+        done = set()
+    dropped = 0
+    for shard in ws.cache.shards():
+        if set(ws.cache.shard_frames(shard)) <= done:
+            ws.cache.drop_shard(shard)
+            dropped += 1
+    return dropped
+
+
 @dataclass
 class StoreResult:
     stored: int

@@ -21,7 +21,8 @@ def _user_file(tmp_path, data: dict):
 def test_params_yaml_loads_into_typed_sections():
     params = load_params()
     assert isinstance(params, Params)
-    assert params.mining.rerank == 2000 and params.mining.method == "fused"
+    assert params.mining.rerank == 150 and params.mining.shortlist == 1000 and params.mining.method == "fused"
+    assert params.index.map_store.pq_m == 12 and params.index.cells.layer == "stride16"
     assert params.regions.egm.sigma == 2.5 and params.graph.discovery.egm.sigma == 2.0
     assert params.mining.weights.global_ == 0.3 and params.to_dict()["mining"]["weights"]["global"] == 0.3
     # The repository's file given by path is the same as no path.

@@ -94,8 +94,7 @@ class RegionIndex:
         if use_gpu is None:
             use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
         self.use_gpu = bool(use_gpu)
-        self._gpu_res = None
-        self._gpu_index = None
+        self._gpu_res = self._gpu_index = None
         self._sync_gpu()
 
     # ---- sizes and side arrays -------------------------------------------------------------------
@@ -127,8 +126,8 @@ class RegionIndex:
         return np.array([self._row.get(f, -1) for f in frame_ids], np.int64)
 
     def vectors(self, region_ids: np.ndarray) -> np.ndarray:
-        """The stored vectors of ``region_ids`` (n x dim float32): exact for flat and hnsw, the 8-bit (or fp16)
-        refine vectors for ivfpq, the decoded PQ codes for ivfpq without refine."""
+        """The stored vectors of ``region_ids`` (n x dim float32): exact for flat and hnsw, the refine vectors
+        for ivfpq, decoded PQ codes without refine (via a direct map, 8 bytes a region, built on first use)."""
         ids = np.asarray(region_ids, np.int64)
         if self.active == "ivfpq" and self.refine is None and not self._direct_map:
             self.index.make_direct_map()
@@ -213,8 +212,7 @@ class RegionIndex:
         old, new = pick[pick < n_old], pick[pick >= n_old] - n_old
         train = np.concatenate([flat.reconstruct_batch(old) if len(old) else np.zeros((0, self.dim), np.float32),
                                 x_new[new]])
-        # Many lists: an HNSW graph over the centroids assigns each vector in ~log(nlist) comparisons instead of
-        # nlist (adding 5M regions to 4,096 lists: minutes -> seconds on 2 cores), as faiss's "IVF_HNSW" indexes.
+        # Many lists: an HNSW graph over the centroids assigns a vector in ~log(nlist) comparisons (faiss "IVF_HNSW").
         quantizer = (faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT) if nlist >= HNSW_QUANTIZER_MIN
                      else faiss.IndexFlatIP(self.dim))
         ivf = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
@@ -298,14 +296,8 @@ class RegionIndex:
                 for i in first[:k_frames]]
 
     def frame_scores(self, query: np.ndarray, frame_ids: Sequence[str]) -> np.ndarray:
-        """Best-region score of each given frame (e.g. a whole gallery, for re-ranking or evaluation).
-
-        flat and hnsw hold the raw float32 vectors, so the score is exact; ivfpq with refine scores with its
-        8-bit (or fp16) vectors, exact to ~1e-3. ivfpq with refine=None keeps only PQ codes: the score is the
-        same approximate inner product its search ranks by (coarse centroid + decoded residual), for every
-        frame, not just the ones search would return (builds a faiss direct map on first use, 8 bytes a
-        region). Frames the index does not hold score -inf.
-        """
+        """Best-region score of each given frame, from the stored vectors (see ``vectors``: exact for flat and
+        hnsw, ~1e-3 for ivfpq with refine, the PQ approximation without); frames not held score -inf."""
         q = np.asarray(query, np.float32).reshape(self.dim)
         rows = self.rows_of(frame_ids)
         wanted = np.zeros(self.n_frames, bool)
@@ -319,7 +311,6 @@ class RegionIndex:
         return np.where(rows >= 0, best[np.maximum(rows, 0)], -np.inf).astype(np.float32)
 
     # ---- size ------------------------------------------------------------------------------------
-
     def bytes_per_region(self) -> float:
         """Serialized faiss index plus the side arrays (owner, boxes, meta, frame ids), per region."""
         if not len(self):

@@ -285,6 +285,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=1024, help="frames matched exhaustively to time it")
     parser.add_argument("--lakes", default=None, help="where the generated lakes go (default: WORKDIR/scale)")
     parser.add_argument("--out", default=str(RESULTS / "lake_scale.json"))
+    parser.add_argument("--mine-only", action="store_true", help="reuse the lakes (and build figures) already built")
     parser.add_argument("--step", choices=["build", "mine"], help=argparse.SUPPRESS)   # one step, in a child
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -299,11 +300,16 @@ def main() -> None:
     for size in [int(s) for s in args.sizes.split(",")]:
         row = {"frames": size}
         for step in ("build", "mine"):   # each in its own process: the mining RSS is the mining alone
+            saved = lakes / f"lake-{size}" / f"{step}.json"
+            if step == "build" and args.mine_only:
+                row[step] = json.loads(saved.read_text())
+                continue
             cmd = [sys.executable, __file__, "--step", step, "--size", str(size), "--workdir", args.workdir,
                    "--bench", args.bench, "--queries", str(args.queries), "--sample", str(args.sample),
                    "--lakes", str(lakes)]
             done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
             row[step] = json.loads(done.stdout.strip().splitlines()[-1])
+            saved.write_text(json.dumps(row[step]))
             print(f"{size} {step}: {row[step]}", flush=True)
         rows.append(row)
     fit = None

@@ -168,6 +168,7 @@ class MiningParams(Section):
     method: MethodName
     rerank: int = Field(ge=1)
     shortlist: int = Field(ge=1)
+    reference: int = Field(ge=0)
     maps: Literal["store", "cache"]
     weights: WeightsParams
     fusion: Literal["adaptive", "sum", "max"]

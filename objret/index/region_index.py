@@ -36,13 +36,12 @@ import faiss
 import numpy as np
 
 from objret.errors import ObjretError
-from objret.index.sizing import default_nlist, default_nprobe, default_pq_m, serialized_size
+from objret.index.sizing import HNSW_QUANTIZER_MIN, default_nlist, default_nprobe, default_pq_m, serialized_size
 from objret.versions import save_version
 
 KINDS = ("auto", "flat", "ivfpq", "hnsw")
 REFINE_TYPES = {None: None, "sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
 IVFPQ_MIN_TRAIN = 10_000   # 256 PQ centroids a sub-quantizer want ~39 points each for a sound k-means
-HNSW_QUANTIZER_MIN = 1024  # lists from which the coarse quantizer is an HNSW graph rather than exhaustive
 GPU_MAX_K = 2048           # faiss GPU k-selection limit; larger searches run on the CPU copy
 _CHUNK = 65_536            # bounds temporary memory when adding / reconstructing
 _FORMAT = 1
@@ -272,13 +271,15 @@ class RegionIndex:
         """Top frames by best region among the k_regions nearest regions, best first.
 
         Without k_regions it starts at 8*k_frames and widens the search while fewer than k_frames distinct
-        frames turn up (so a flat index is exact); with k_regions given it searches exactly that many.
+        frames turn up (flat: to the whole index, exact; approximate: to 32*k_frames, as re-ranking millions of
+        candidates costs GBs); with k_regions given it searches exactly that many.
         """
         if np.asarray(query).ndim != 1:
             raise ObjretError("best_frames takes one query vector")
         if k_frames <= 0 or not len(self):
             return []
-        k = min(len(self), k_regions or 8 * k_frames)
+        k, limit = min(len(self), k_regions or 8 * k_frames), min(len(self), 32 * k_frames)
+        limit = len(self) if self.active == "flat" else limit
         owner = self.owner
         while True:
             ids, sims = self.search(query, k)
@@ -287,9 +288,9 @@ class RegionIndex:
             # Sims come sorted, so a frame's first occurrence is its best region.
             _, first = np.unique(owner[ids], return_index=True)
             first.sort()
-            if len(first) >= k_frames or k_regions is not None or k >= len(self):
+            if len(first) >= k_frames or k_regions is not None or k >= limit:
                 break
-            k = min(len(self), 4 * k)
+            k = min(limit, 4 * k)
         boxes = self.boxes
         return [FrameHit(self.frame_ids[owner[ids[i]]], float(sims[i]), int(ids[i]),
                          tuple(float(v) for v in boxes[ids[i]]))

@@ -12,6 +12,7 @@ def default_pq_m(dim: int) -> int:
     return next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
 
 
+HNSW_QUANTIZER_MIN = 1024   # lists from which the coarse quantizer is an HNSW graph rather than exhaustive
 MAX_NLIST = 4096   # k-means of more lists costs minutes of training on a 2-core CPU; lists then grow instead
 
 

@@ -109,6 +109,7 @@ class Method:
                                      # under mining.small_box is shortlisted by the cell index
     every_frame: bool = False        # one cheap score a frame: no shortlist at all
     fuses_diffusion: bool = False    # takes the query's region-graph diffusion as evidence
+    standardises: bool = False       # weighs evidence by how it stands out from the frames it ranks
 
 
 def _fused(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
@@ -129,7 +130,7 @@ def _dtm(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (
-    Method("fused", _fused, matches_template=True, fuses_diffusion=True),
+    Method("fused", _fused, matches_template=True, fuses_diffusion=True, standardises=True),
     Method("regions", _regions),
     Method("dtm", _dtm, matches_template=True),
     Method("gem", lambda query, lake, x: rank_gem(query, lake, global_layer="stride32", gem_p=x.gem_p),

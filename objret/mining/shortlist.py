@@ -89,6 +89,9 @@ def rank_query(search: LakeSearch, query: QueryObject, method_name: str, mining:
         tail, candidates = hits[mining.rerank:], len(rows)
     if not candidates:
         raise ObjretError("the index holds no frame to mine besides the query: ingest a lake first")
+    kept = len(rows)
+    if hits is not None and method.standardises and mining.reference:
+        rows = np.concatenate([rows, reference_rows(search, rows, mining.reference, query.frame_id)])
     lake = search.lake_maps(rows)
     scores = solve = None
     if diffusion is not None:
@@ -96,9 +99,28 @@ def rank_query(search: LakeSearch, query: QueryObject, method_name: str, mining:
             raise ObjretError(f"diffusion evidence is fused by the fused method only, not {method.name!r}")
         scores, solve = diffusion.scores(vector, search.graph_rows(diffusion)[rows])
     ranking = method.rank(query, lake, RankInputs(mining, gem_p, keep_heatmaps, scores))
+    if len(rows) > kept:   # the reference frames were scored for the statistics only
+        ranking = ranking_head(ranking, kept)
     if tail:
         ranking = with_tail(ranking, tail)
     return QueryRanking(ranking, candidates, vector, stage, solve)
+
+
+def reference_rows(search: LakeSearch, candidates: np.ndarray, n: int, exclude: str | None) -> np.ndarray:
+    """``n`` rows spread evenly over the lake (the same for every query), none a candidate nor ``exclude``: what
+    the evidence of the shortlist's frames is standardised against besides themselves, as exhaustive ranking
+    standardises over the whole lake (over the candidates alone, the shortlist's best frames all look alike and
+    the adaptive gate loses its measure: bench all-instance Loc@10 0.70 exhaustive, 0.55 at rerank 150)."""
+    taken = set(candidates.tolist()) | ({search.row_of[exclude]} if exclude in search.row_of else set())
+    spread = np.linspace(0, len(search) - 1, num=min(len(search), n + len(taken))).astype(np.int64)
+    return np.array([r for r in dict.fromkeys(spread.tolist()) if r not in taken][:n], np.int64)
+
+
+def ranking_head(ranking: Ranking, n: int) -> Ranking:
+    """The first ``n`` frames of ``ranking`` (in its frame order), with their heat maps and evidence."""
+    ids = ranking.frame_ids[:n]
+    return Ranking(ids, ranking.scores[:n], ranking.boxes[:n], {f: h for f, h in ranking.heatmaps.items() if f in ids},
+                   {f: e for f, e in ranking.evidence.items() if f in ids})
 
 
 def with_tail(ranking: Ranking, tail: list[FrameHit]) -> Ranking:

@@ -26,7 +26,7 @@ from objret.mining.lakemaps import LakeMaps
 from objret.mining.methods import QueryObject, RankInputs, get_method, rank
 from objret.mining.search import LakeSearch
 from objret.index.cell_index import salient_cells, template_keys
-from objret.mining.shortlist import first_stage, interleave, is_small, rank_query
+from objret.mining.shortlist import first_stage, interleave, is_small, rank_query, reference_rows
 from objret.mining.template_matching import MapStack
 from objret.regions.encoding import region_vectors
 from objret.regions.pooling import box_to_cells, gem
@@ -188,7 +188,7 @@ def test_a_large_box_ranks_the_region_index_shortlist_only(scene):
     vector in the index are the shortlist (the query's own frame never); the first ``mining.rerank`` are
     re-ranked, fused evidence standardised over them alone, and the rest follow in the index's order."""
     k = 5
-    mining = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0", "mining.fusion=sum")
+    mining = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0", "mining.fusion=sum", "mining.reference=0")
     assert not is_small(scene.query, mining.small_box)
     vector = query_region_vector(scene.query, scene.lake.regions)
     region, region_boxes = best_region_per_frame(scene.query, scene.lake)
@@ -226,6 +226,19 @@ def test_a_large_box_ranks_the_region_index_shortlist_only(scene):
         i = scene.ids.index(fid)
         assert ranking.evidence[fid]["region"] == pytest.approx(float(region[i]), abs=1e-5)
         assert ranking.evidence[fid]["template"] == pytest.approx(float(dtm.scores[i]), abs=1e-4)
+
+    # With reference frames (spread over the lake, none a candidate nor the query's), the candidates' evidence is
+    # standardised over them and the candidates together; they are scored, then dropped from the ranking.
+    with_reference = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0", "mining.fusion=sum",
+                             "mining.reference=3")
+    reference = reference_rows(scene.search, at, 3, "A")
+    assert len(reference) == 3 and not set(reference) & set(at) and scene.ids.index("A") not in reference
+    referenced = rank_query(scene.search, scene.query, "fused", with_reference, gem_p=scene.gem_p)
+    assert referenced.ranking.frame_ids[:k] == head and referenced.candidates == k
+    both = np.concatenate([at, reference])
+    scores, _, _ = fuse_evidence(region[both], glob[both], dtm.scores[both], region_boxes[both], dtm.boxes[both],
+                                 np.arange(len(both)), mining.weights, "sum", mining.gate)
+    np.testing.assert_allclose(referenced.ranking.scores[:k], scores[:k], atol=1e-4)
 
     # mining.shortlist cuts the list the first stage returns.
     short = rank_query(scene.search, scene.query, "fused", _mining(scene, f"mining.rerank={k}", "mining.shortlist=7",
@@ -505,7 +518,8 @@ def test_diffusion_over_a_real_region_graph_ranks_with_the_fused_method(scene):
 
     # Through the mining path, with the index's own search: the candidates' diffusion scores are fused.
     by_index = GraphDiffusion(graph.matrix, regions.owner, list(ids), scene.search.index.search, k=10, max_iter=20)
-    mining = _mining(scene, *weighted, "mining.rerank=4", "mining.shortlist=4", "mining.small_box=0.0")
+    mining = _mining(scene, *weighted, "mining.rerank=4", "mining.shortlist=4", "mining.small_box=0.0",
+                     "mining.reference=0")
     result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=4,
                         diffusion=by_index)
     candidates = result.ranking.frame_ids

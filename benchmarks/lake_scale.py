@@ -316,7 +316,8 @@ def main() -> None:
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         fit = math.log(b["mine"]["latency_p50_s"] / a["mine"]["latency_p50_s"]) / math.log(b["frames"] / a["frames"])
-    report = {"command": "python benchmarks/lake_scale.py " + " ".join(sys.argv[1:]),
+    report = {"command": f"python benchmarks/lake_scale.py --workdir W --sizes {args.sizes} --queries {args.queries} "
+                         f"--sample {args.sample}",
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "params": {"rerank": load_params().mining.rerank, "shortlist": load_params().mining.shortlist},
               "lakes": rows, "latency_growth_exponent": fit}

@@ -172,7 +172,7 @@ def test_a_second_build_adds_only_the_new_frames_and_mining_still_works(built, p
     search = open_search(ws)
     assert open_search(ws) is search and len(search.frame_ids) == 24
     assert len(search.lake_maps(search.rows())) == 24 and search.lake_maps(search.rows()).stack.maps.shape[1] > 0
-    assert search.cells is not None and search.cells.frame_ids == search.frame_ids   # the small-object shortlist
+    assert search.cells is not None and sorted(search.cells.frame_ids) == sorted(search.frame_ids)   # small objects
 
     result = build_index_flow(sources=[str(pets_video), str(pets_video_2)], overrides=SMALL, workdir=str(workdir))
     assert [r["added"] for r in result["ingest"]] == [0, 4]

@@ -187,7 +187,7 @@ SMALL = ["features.backbone=efficientnet_lite0", "features.max_side=320", "featu
 @pytest.fixture(scope="module")
 def workspace(bench_dir, tmp_path_factory, one_torch_thread):
     """8 real TUD-Campus frames, their features, regions, index and region graph (Lite0 at 320 px)."""
-    from objret.steps import discovery as discovery_step, features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, regions as regions_step
+    from objret.steps import discovery as discovery_step, features as features_step, graph as graph_step, index as index_step, ingest as ingest_step, regions as regions_step, store as store_step
     from objret.config import load_params
     from objret.steps.workspace import Workspace
 
@@ -199,6 +199,8 @@ def workspace(bench_dir, tmp_path_factory, one_torch_thread):
     features_step.features(ws, progress=False)
     regions_step.regions(ws, progress=False)
     index = index_step.build_index(ws)
+    store_step.store(ws, progress=False)
+    store_step.cells(ws, progress=False)
     with pytest.raises(ObjretError, match="run build-index.*no region graph"):
         discovery_step.discovery(ws, progress=False)
     graph_step.graph(ws)

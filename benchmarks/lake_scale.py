@@ -48,8 +48,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHARD = 1024
 
 
+OVERRIDES: list[str] = []   # --set KEY=VALUE: parameters over params.yaml (e.g. mining.mapped_indexes=true)
+
+
 def bench_workspace(workdir: str) -> Workspace:
-    return Workspace(load_params(), workdir)
+    return Workspace(load_params(None, OVERRIDES), workdir)
 
 
 # ---- build -----------------------------------------------------------------------------------------
@@ -203,8 +206,9 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
     p = ws.params
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
-    index = RegionIndex.load(out / "regions", use_gpu=False)
-    cells = RegionIndex.load(out / "cells", use_gpu=False)
+    mapped = p.mining.mapped_indexes   # as objret.steps.mine opens them
+    index = RegionIndex.load(out / "regions", use_gpu=False, mapped=mapped)
+    cells = RegionIndex.load(out / "cells", use_gpu=False, mapped=mapped)
     store = MapStore(out / "store")
     frames = {f["frame_id"]: type("F", (), f) for f in json.loads((out / "frames.json").read_text())}
     ids = [f for f in index.frame_ids if f in frames]
@@ -223,7 +227,7 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
     large = [q for q in bench.queries if q.area_frac >= p.mining.small_box]
     chosen = ([small[i] for i in rng.choice(len(small), queries // 2, replace=False)]
               + [large[i] for i in rng.choice(len(large), queries - queries // 2, replace=False)])
-    latencies, stages, hits, timed = [], {}, [], []
+    latencies, stages, hits, timed, anon = [], {}, [], [], 0.0
     exhaustive_per_frame = []
     sample_rows = rng.choice(len(ids), min(sample, len(ids)), replace=False)
     for n, q in enumerate(chosen):
@@ -238,7 +242,9 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
             hits.append(len(positives & set(top)) / min(50, len(positives)))
         if n < 4:
             timed.append(query)
+        anon = max(anon, rss_split()["RssAnon"])
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # mining alone, before the timing below
+    file_backed = rss_split()["RssFile"]
     for query in timed:   # exhaustive template matching of the same queries over a sample, read from the store
             t = time.perf_counter()
             rows = np.sort(sample_rows)
@@ -258,11 +264,19 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
             "exhaustive_s_per_frame": per_frame, "exhaustive_report_s": per_frame * len(ids),
             "speedup_vs_exhaustive": per_frame * len(ids) / float(np.percentile(lat, 50)),
             "positives_in_top50": float(np.mean(hits)) if hits else None,
-            "peak_rss_mb": peak_rss,
+            "peak_rss_mb": peak_rss, "rss_file_backed_mb": file_backed, "rss_anonymous_max_mb": anon,
             "rss_after_open_mb": rss_open, "rss_before_open_mb": rss0,
             "index_ram_bytes_per_frame": ram / len(ids),
             "disk_bytes_per_frame": disk_bytes(out) / len(ids),
             "store_bytes_per_frame": store.bytes_on_disk() / len(ids)}
+
+
+def rss_split() -> dict[str, float]:
+    """This process's resident memory now, in MB: RssAnon (its own) and RssFile (pages of memory-mapped files:
+    the page cache, which the kernel drops under memory pressure and reads again when touched)."""
+    with open("/proc/self/status") as status:
+        return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in status)
+                if k in ("RssAnon", "RssFile")}
 
 
 def index_ram(index: RegionIndex) -> int:
@@ -286,9 +300,11 @@ def main() -> None:
     parser.add_argument("--lakes", default=None, help="where the generated lakes go (default: WORKDIR/scale)")
     parser.add_argument("--out", default=str(RESULTS / "lake_scale.json"))
     parser.add_argument("--mine-only", action="store_true", help="reuse the lakes (and build figures) already built")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a parameter override")
     parser.add_argument("--step", choices=["build", "mine"], help=argparse.SUPPRESS)   # one step, in a child
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    OVERRIDES[:] = args.set
     lakes = Path(args.lakes or Path(args.workdir) / "scale")
     if args.step:
         out = lakes / f"lake-{args.size}"
@@ -306,7 +322,7 @@ def main() -> None:
                 continue
             cmd = [sys.executable, __file__, "--step", step, "--size", str(size), "--workdir", args.workdir,
                    "--bench", args.bench, "--queries", str(args.queries), "--sample", str(args.sample),
-                   "--lakes", str(lakes)]
+                   "--lakes", str(lakes)] + [f"--set={o}" for o in args.set]
             done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
             row[step] = json.loads(done.stdout.strip().splitlines()[-1])
             saved.write_text(json.dumps(row[step]))
@@ -316,10 +332,11 @@ def main() -> None:
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         fit = math.log(b["mine"]["latency_p50_s"] / a["mine"]["latency_p50_s"]) / math.log(b["frames"] / a["frames"])
+    mining = load_params(None, args.set).mining
     report = {"command": f"python benchmarks/lake_scale.py --workdir W --sizes {args.sizes} --queries {args.queries} "
-                         f"--sample {args.sample}",
+                         f"--sample {args.sample}" + "".join(f" --set {o}" for o in args.set),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "params": {"rerank": load_params().mining.rerank, "shortlist": load_params().mining.shortlist},
+              "params": {"rerank": mining.rerank, "shortlist": mining.shortlist, "mapped_indexes": mining.mapped_indexes},
               "lakes": rows, "latency_growth_exponent": fit}
     Path(args.out).write_text(json.dumps(report, indent=1))
     Path(args.out).with_suffix(".md").write_text(table(report))
@@ -327,12 +344,14 @@ def main() -> None:
 
 
 def table(report: dict) -> str:
-    lines = ["| frames | search p50 / p95 (s) | exhaustive (s, est.) | speed-up | peak RSS mining (MB) | disk B/frame "
-             "| index RAM B/frame | build (s) | bench positives in top 50 |", "|" + "---|" * 9]
+    lines = ["| frames | search p50 / p95 (s) | exhaustive (s, est.) | speed-up | peak RSS mining (MB) "
+             "| of it mapped files / own, max (MB) | disk B/frame | index B/frame | build (s) "
+             "| bench positives in top 50 |", "|" + "---|" * 10]
     for row in report["lakes"]:
         m, b = row["mine"], row["build"]
         lines.append(f"| {row['frames']:,} | {m['latency_p50_s']:.3f} / {m['latency_p95_s']:.3f} "
                      f"| {m['exhaustive_report_s']:.1f} | {m['speedup_vs_exhaustive']:.0f}x | {m['peak_rss_mb']:.0f} "
+                     f"| {m.get('rss_file_backed_mb', float('nan')):.0f} / {m.get('rss_anonymous_max_mb', float('nan')):.0f} "
                      f"| {m['disk_bytes_per_frame']:,.0f} | {m['index_ram_bytes_per_frame']:,.0f} | {b['build_s']:.0f} "
                      f"| {m['positives_in_top50']:.3f} |")
     if report["latency_growth_exponent"] is not None:

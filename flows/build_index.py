@@ -38,12 +38,18 @@ def build_index_flow(sources: list[str] | None = None, params_path: str | None =
             cached = steps.features(ws) if "features" in todo else None
             found = steps.regions(ws) if "regions" in todo else None
         whitening = steps.whitening(ws) if "whitening" in todo else None
-        indexed = steps.index(ws) if "index" in todo else None
+        if ws.params.scale_out.index_shards:   # the store and both indexes as shards, on the cluster
+            if graph_on:
+                raise ObjretError("scale_out.index_shards builds no single region index for the region graph: "
+                                  "set graph.enabled: false with it")
+            indexed = stored = scale_out.run(ws, ["shards"])["shards"] if {"index", "store"} & todo else None
+        else:
+            indexed = steps.index(ws) if "index" in todo else None
+            stored = steps.store(ws) if "store" in todo else None
         if "whitening" in todo:
             mlflow.set_tags({"whitening_version": whitening or "none"})
-        if indexed is not None:
+        if indexed is not None and "version" in indexed:
             mlflow.set_tags({"index_version": indexed["version"]})
-        stored = steps.store(ws) if "store" in todo else None
         graphed = steps.graph(ws) if "graph" in todo else None
         discovered = steps.discovery(ws) if graphed is not None and discovery_enabled(ws) else None
         return {"ingest": ingested, "features": cached, "regions": found, "whitening": whitening,

@@ -170,6 +170,7 @@ class MiningParams(Section):
     shortlist: int = Field(ge=1)
     reference: int = Field(ge=0)
     maps: Literal["store", "cache"]
+    mapped_indexes: bool
     weights: WeightsParams
     fusion: Literal["adaptive", "sum", "max"]
     gate: GateParams
@@ -215,6 +216,7 @@ class ScaleOutParams(Section):
     n_workers: int | None
     threads_per_worker: int = Field(ge=1)
     chunk_frames: int = Field(ge=1)
+    index_shards: bool
 
 
 class WatchParams(Section):

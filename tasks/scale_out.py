@@ -22,10 +22,11 @@ from prefect_dask import DaskTaskRunner
 from objret.config import ScaleOutParams
 from objret.errors import ObjretError
 from objret.steps import chunks
+from objret.steps import shards as shards_step
 from objret.steps.workspace import Workspace
 from tasks.tracking import log_metrics
 
-STEPS = ("features", "regions")
+STEPS = ("features", "regions", "shards")
 
 
 def enabled(ws: Workspace) -> bool:
@@ -55,7 +56,8 @@ def run(ws: Workspace, steps=STEPS) -> dict:
     steps = [s for s in STEPS if s in steps]
     chunk_frames = ws.params.scale_out.chunk_frames
     busy = (("features" in steps and chunks.feature_chunks(ws, chunk_frames))
-            or ("regions" in steps and chunks.region_chunks(ws, chunk_frames)))
+            or ("regions" in steps and chunks.region_chunks(ws, chunk_frames))
+            or ("shards" in steps and chunks.shard_chunks(ws, chunk_frames)))
     with _api_for_workers(), local_cluster_environ():
         runner = task_runner(ws.params.scale_out) if busy else ThreadPoolTaskRunner()
         # Workers get the parameters as a plain dict (picklable, a Prefect parameter) and validate them again.
@@ -134,7 +136,8 @@ def gpu_cluster(gpus: list[str], threads_per_worker: int = 1):
 
 @flow(name="scale-out", log_prints=True)
 def scale_out_flow(params: dict, workdir: str, steps: list[str] = list(STEPS)) -> dict:
-    """Features, then regions, of the frames that lack them, a task per chunk of frames on the Dask cluster."""
+    """Features, then regions, of the frames that lack them, then index shards of the frames in none (the
+    store, cell and region index of a chunk: objret.steps.shards), a task per chunk of frames on the cluster."""
     ws = chunks.workspace(params, workdir)
     chunk_frames = ws.params.scale_out.chunk_frames
     uris = {f.frame_id: f.image_uri for f in ws.lake.frames()}
@@ -154,7 +157,24 @@ def scale_out_flow(params: dict, workdir: str, steps: list[str] = list(STEPS)) -
         done = _run_chunks("regions", regions_chunk, plan, params, workdir, uris)
         found = {"extracted": sum(c["extracted"] for c in done), "already_stored": stored_before,
                  "regions": sum(c["regions"] for c in done), "directory": str(ws.region_store.dir), "chunks": done}
-    return {"features": feats, "regions": found}
+    sharded = None
+    if "shards" in steps:
+        plan = chunks.shard_chunks(ws, chunk_frames)
+        if plan:
+            shards_step.prepare(ws, [f for c in plan for f in c])   # the codebooks every shard encodes with
+        done = _run_chunks("shards", shard_chunk, plan, params, workdir, uris, first=shards_step.next_number(ws))
+        sharded = {"built": len(done), "frames": sum(c["frames"] for c in done),
+                   "shards": len(shards_step.saved_shards(ws)), "directory": str(shards_step.shards_dir(ws)),
+                   "chunks": done}
+    return {"features": feats, "regions": found, "shards": sharded}
+
+
+@task(name="shard-chunk", task_run_name="shard-chunk-{chunk}", cache_policy=NO_CACHE)
+def shard_chunk(params: dict, workdir: str, chunk: int, frame_ids: list[str]) -> dict:
+    result = chunks.shard_chunk(params, workdir, chunk, frame_ids)
+    get_run_logger().info("index shard %s: %d frames, %d regions, %d cells", result.name, result.frames,
+                          result.regions, result.cells)
+    return {**asdict(result), **where_it_ran()}
 
 
 @task(name="features-chunk", task_run_name="features-chunk-{chunk}", cache_policy=NO_CACHE)
@@ -192,11 +212,11 @@ def workers(done: list[dict]) -> set[tuple[str, int]]:
 
 
 def _run_chunks(step: str, chunk_task, plan: list[list[str]], params: dict, workdir: str,
-                uris: dict[str, str]) -> list[dict]:
-    """Every chunk as a task on the cluster; a failed chunk fails the step, naming its frames, after the others
-    finished (their frames stay cached: a re-run does only what is missing)."""
+                uris: dict[str, str], first: int = 0) -> list[dict]:
+    """Every chunk as a task on the cluster (numbered from ``first``); a failed chunk fails the step, naming its
+    frames, after the others finished (their frames stay cached: a re-run does only what is missing)."""
     logger = get_run_logger()
-    futures = [chunk_task.submit(params, workdir, i, ids) for i, ids in enumerate(plan)]
+    futures = [chunk_task.submit(params, workdir, first + i, ids) for i, ids in enumerate(plan)]
     done, failed = [], []
     for i, (ids, future) in enumerate(zip(plan, futures)):
         try:

@@ -1,9 +1,8 @@
 """Region index: faiss over every region descriptor of the lake, with a region -> frame map.
 
 A frame's score for a query is its best region's similarity (inner product; descriptors are L2-normalised).
-Region ids are the positions in the index (0 .. len-1, in insertion order) and never change, not even when
-``kind="auto"`` rebuilds the flat index into IVF-PQ; ``owner[r]`` is the frame row of region r and
-``frame_ids[owner[r]]`` its frame id.
+Region ids are the positions in the index (insertion order) and never change, not even when ``kind="auto"``
+rebuilds it into IVF-PQ; ``owner[r]`` is the frame row of region r, ``frame_ids[owner[r]]`` its frame id.
 
 Kinds:
   * ``flat``  exact ``IndexFlatIP`` (4*dim bytes a region).
@@ -18,7 +17,9 @@ Kinds:
   * ``auto``  flat while the index holds at most ``flat_max`` regions, then rebuilt once into ivfpq.
 
 GPU (``faiss.index_cpu_to_gpu``) only speeds up search of flat and ivfpq indexes; the CPU index stays the
-reference copy (add, save, reconstruct), so a GPU is never required and results do not depend on one.
+reference copy (add, save, reconstruct), so a GPU is never required and results do not depend on one. Mining
+opens an index read-only by memory map (``load(mapped=True)``): it then lives in the page cache, not in the
+process (100k-frame lake: 2.2 GB), read as searches touch it.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class RegionIndex:
         self._boxes: list[np.ndarray] = []
         self._meta: dict[str, list[np.ndarray]] | None = None   # names fixed by the first add
         self._direct_map = False
+        self.mapped = False   # opened read-only by memory map (load)
         if use_gpu is None:
             use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
         self.use_gpu = bool(use_gpu)
@@ -97,7 +99,6 @@ class RegionIndex:
         self._sync_gpu()
 
     # ---- sizes and side arrays -------------------------------------------------------------------
-
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
@@ -140,10 +141,11 @@ class RegionIndex:
         return [self.frame_ids[owner[r]] for r in np.asarray(region_ids, np.int64)]
 
     # ---- adding ----------------------------------------------------------------------------------
-
     def add(self, frame_ids: Sequence[str], vectors: np.ndarray, region_boxes: np.ndarray | None = None,
             region_meta: dict[str, np.ndarray] | None = None) -> None:
         """Add regions; ``frame_ids[i]`` owns ``vectors[i]``. Frames already indexed are skipped whole."""
+        if self.mapped:   # faiss aborts the process when a memory-mapped index grows
+            raise ObjretError("this region index was opened read-only (memory-mapped): load it unmapped to add")
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(frame_ids):
             raise ObjretError(f"add needs {len(frame_ids)} x {self.dim} vectors for {len(frame_ids)} frame ids, "
@@ -231,7 +233,6 @@ class RegionIndex:
         self._sync_gpu()
 
     # ---- search ----------------------------------------------------------------------------------
-
     def search(self, query: np.ndarray, k_regions: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest regions: (region_ids, sims), each (k,) for a (d,) query or (q, k) for (q, d) queries.
 
@@ -321,7 +322,6 @@ class RegionIndex:
         return (serialized_size(self.index) + side) / len(self)
 
     # ---- GPU -------------------------------------------------------------------------------------
-
     def _sync_gpu(self) -> None:
         self._gpu_index = None
         if not self.use_gpu or self.active == "hnsw" or (self.active == "ivfpq" and self.refine is not None):
@@ -335,12 +335,9 @@ class RegionIndex:
             self.use_gpu = False
 
     # ---- persistence -----------------------------------------------------------------------------
-
     def save(self, directory: str | Path) -> None:
-        """Write a new version folder, then switch the CURRENT pointer to it (one os.replace).
-
-        A crash or a reader at any moment sees either the previous save or this one, never a mix.
-        """
+        """Write a new version folder, then switch the CURRENT pointer to it (one os.replace): a crash or a
+        reader at any moment sees either the previous save or this one, never a mix."""
         def write(folder: Path) -> None:
             faiss.write_index(self.index, str(folder / "regions.faiss"))
             arrays = {"owner": self.owner, "boxes": self.boxes, **{f"meta-{k}": v for k, v in self.meta.items()}}
@@ -356,8 +353,10 @@ class RegionIndex:
                        "refine": self.refine, "refine_k_factor": self.refine_k_factor}})
 
     @classmethod
-    def load(cls, directory: str | Path, *, use_gpu: bool | None = None, recipe: dict | None = None) -> "RegionIndex":
-        """The index saved in ``directory``; with ``recipe``, an ObjretError unless its vectors were made that way."""
+    def load(cls, directory: str | Path, *, use_gpu: bool | None = None, recipe: dict | None = None,
+             mapped: bool = False) -> "RegionIndex":
+        """The index saved in ``directory``; with ``recipe``, an ObjretError unless its vectors were made that way;
+        ``mapped``: read-only by memory map (faiss IO_FLAG_MMAP_IFC, numpy mmap_mode)."""
         directory = Path(directory)
 
         def bad(why: str) -> ObjretError:
@@ -372,9 +371,11 @@ class RegionIndex:
                 actual = (version / name).stat().st_size
                 if actual != size:
                     raise bad(f"{name} has {actual} bytes, the manifest says {size}")
-            index = faiss.read_index(str(version / "regions.faiss"))
-            owner = np.load(version / "owner.npy", allow_pickle=False)
-            boxes = np.load(version / "boxes.npy", allow_pickle=False)
+            index = faiss.read_index(str(version / "regions.faiss"),
+                                     faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mapped else 0)
+            mode = "r" if mapped else None
+            owner = np.load(version / "owner.npy", allow_pickle=False, mmap_mode=mode)
+            boxes = np.load(version / "boxes.npy", allow_pickle=False, mmap_mode=mode)
             meta = {k: np.load(version / f"meta-{k}.npy", allow_pickle=False) for k in manifest["meta"]}
             frame_ids = json.loads((version / "frame_ids.json").read_text())
             params = manifest["params"]
@@ -397,7 +398,8 @@ class RegionIndex:
             raise bad("dimension or region owners out of range")
         out.index, out.active = index, manifest["active"]
         out.frame_ids, out._row = frame_ids, {f: i for i, f in enumerate(frame_ids)}
-        out._owner, out._boxes = [owner.astype(np.int32)], [boxes.astype(np.float32)]
+        out._owner, out._boxes = [owner.astype(np.int32, copy=False)], [boxes.astype(np.float32, copy=False)]
+        out.mapped = mapped
         out._meta = {k: [v] for k, v in meta.items()}
         out._direct_map = (out.active == "ivfpq" and out.refine is None
                            and index.direct_map.type != faiss.DirectMap.NoMap)
@@ -408,11 +410,9 @@ class RegionIndex:
 
 
 def _joined(chunks: list[np.ndarray], dtype, empty_shape: tuple[int, ...]) -> np.ndarray:
-    if not chunks:
-        return np.zeros(empty_shape, dtype)
     if len(chunks) > 1:
         chunks[:] = [np.concatenate(chunks)]   # join once; later reads are free
-    return chunks[0]
+    return chunks[0] if chunks else np.zeros(empty_shape, dtype)
 
 
 def index_version(frame_ids: list[str]) -> str:

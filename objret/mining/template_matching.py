@@ -31,15 +31,15 @@ class MapStack:
         self.image_sizes = np.asarray(image_sizes, dtype=np.float32)  # (width, height) in pixels
         self.map_sizes = np.asarray([m.shape[-2:] for m in maps])      # (h, w) in cells
         channels = maps[0].shape[0]
-        max_h, max_w = self.map_sizes.max(axis=0)
-        block = np.zeros((len(maps), channels, max_h, max_w), np.float32)
-        valid = np.zeros((len(maps), max_h, max_w), bool)
+        max_h, max_w = (int(v) for v in self.map_sizes.max(axis=0))
+        # Normalised frame by frame into the block: the maps and one block, never a normalised copy of it
+        # (a report's 300 re-ranked frames are ~300 MB of float32 maps).
+        self._maps = torch.zeros(len(maps), channels, max_h, max_w)
+        self._valid = torch.zeros(len(maps), max_h, max_w, dtype=torch.bool)
         for i, m in enumerate(maps):
             h, w = m.shape[-2:]
-            block[i, :, :h, :w] = m
-            valid[i, :h, :w] = True
-        self._maps = l2n(torch.from_numpy(block), dim=1)   # one pass over the block (padding stays zero)
-        self._valid = torch.from_numpy(valid)
+            self._maps[i, :, :h, :w] = l2n(torch.as_tensor(np.asarray(m, np.float32)), dim=0)
+            self._valid[i, :h, :w] = True
         self._index: torch.Tensor | None = None   # rows of _maps this stack shows (None: all)
 
     def __len__(self) -> int:
@@ -83,19 +83,21 @@ class MatchResult:
 
 
 def match_template(templates, query_cells_hw: tuple[float, float], stack: MapStack, scales=(1.0,),
-                   chunk: int = 256) -> MatchResult:
+                   chunk: int = 64, device: str | torch.device | None = None) -> MatchResult:
     """Match a th x tw x C template whose box spans ``query_cells_hw`` cells against every frame of ``stack``.
 
     ``templates`` is one template or a list of same-shape variants (e.g. the query and its mirror image); a
     frame scores as its best variant. For scale s the footprint spans s * query_cells_hw cells; template cell
     (i, j) is read at its place in the footprint by bilinear interpolation, so boxes smaller than a cell are
     matched at sub-cell offsets. The box is placed at the best centre refined to sub-cell precision (a cell is
-    8-32 px of the frame, and a box half a cell off loses half its IoU on a small object).
+    8-32 px of the frame, and a box half a cell off loses half its IoU on a small object). Chunks of ``chunk``
+    frames are matched on ``device`` (default: the GPU when there is one), the maps staying on the CPU.
     """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     variants = [templates] if isinstance(templates, np.ndarray) else list(templates)
     th, tw, _ = variants[0].shape
     t = torch.from_numpy(np.ascontiguousarray(np.concatenate([v.reshape(th * tw, -1) for v in variants]),
-                                              dtype=np.float32))
+                                              dtype=np.float32)).to(device)
     n, _, height, width = stack.shape
     scales = tuple(float(s) for s in scales)
     qh, qw = query_cells_hw
@@ -108,7 +110,7 @@ def match_template(templates, query_cells_hw: tuple[float, float], stack: MapSta
         # pads a landscape one, a wide KITTI frame is a third of the height).
         height, width = (int(v) for v in stack.map_sizes[start:stop].max(axis=0))
         block, valid = stack.rows(start, stop)
-        block, valid = block[:, :, :height, :width].contiguous(), valid[:, :height, :width]
+        block, valid = block[:, :, :height, :width].contiguous().to(device), valid[:, :height, :width].to(device)
         # Cosine of every template cell with every position: one batched matmul (3x faster than einsum).
         sims = torch.matmul(t, block.reshape(stop - start, block.shape[1], -1)).view(stop - start, -1, height, width)
         per_scale = torch.stack([
@@ -116,7 +118,7 @@ def match_template(templates, query_cells_hw: tuple[float, float], stack: MapSta
                          for v in range(len(variants))]).amax(dim=0)
             for s in scales], dim=1)
         per_scale = per_scale.masked_fill(~valid[:, None], -1.0)
-        best, best_scale = per_scale.max(dim=1)
+        best, best_scale = (x.cpu() for x in per_scale.max(dim=1))
         top = best.flatten(1).argmax(dim=1)
         rows = torch.arange(stop - start)
         cy, cx = top // width, top % width
@@ -138,7 +140,7 @@ def _layout_mean(sims: torch.Tensor, th: int, tw: int, fh: float, fw: float) -> 
     each cell costs four in-place adds of shifted slices (zero outside the map): ~7x faster than grid_sample.
     """
     n, k, height, width = sims.shape
-    out = torch.zeros(n, height, width)
+    out = torch.zeros(n, height, width, device=sims.device)
     for cell in range(k):
         i, j = divmod(cell, tw)
         dy, dx = ((i + 0.5) / th - 0.5) * fh, ((j + 0.5) / tw - 0.5) * fw

@@ -53,10 +53,14 @@ class RegionStore:
         return sorted(self.dir.glob("regions-*.npz"))
 
     def stored_ids(self) -> set[str]:
-        ids: set[str] = set()
+        return set(self.frame_order())
+
+    def frame_order(self) -> list[str]:
+        """The stored frames in the order ``load`` lists them (batch by batch, in name order)."""
+        ids: list[str] = []
         for path in self.batches():
             with np.load(path, allow_pickle=False) as data:
-                ids.update(data["frame_ids"].astype(str).tolist())
+                ids += data["frame_ids"].astype(str).tolist()
         return ids
 
     def write(self, per_frame: dict[str, tuple[FrameRegions, np.ndarray, tuple[int, int]]]) -> Path:

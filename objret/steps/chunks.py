@@ -13,8 +13,10 @@ import threading
 
 from objret.config import params_from_dict
 from objret.features.cache import CacheResult, FeatureCache
+from objret.index.region_index import RegionIndex
 from objret.steps import features as features_step
 from objret.steps import regions as regions_step
+from objret.steps import shards as shards_step
 from objret.steps.workspace import Workspace
 
 _local = threading.local()
@@ -68,3 +70,17 @@ def features_chunk(params: dict, workdir: str, frame_ids: list[str]) -> CacheRes
 def regions_chunk(params: dict, workdir: str, frame_ids: list[str]) -> regions_step.RegionsResult:
     """Regions and raw descriptors of one chunk's frames (those not stored already)."""
     return regions_step.regions(workspace(params, workdir), progress=False, frame_ids=frame_ids)
+
+
+def shard_chunks(ws: Workspace, chunk_frames: int) -> list[list[str]]:
+    """The cached frames with stored regions in no saved index shard, cut at whole mining-store shards, in the
+    order the single region index adds them (the region store's): the shards joined list the frames as it does."""
+    cached = _cached_ids(ws)
+    done = {f for p in shards_step.saved_shards(ws) for f in RegionIndex.load(p / "regions", mapped=True).frame_ids}
+    todo = [f for f in ws.region_store.frame_order() if f in cached and f not in done]
+    return split(todo, chunk_size(ws.params.index.map_store.shard_frames, chunk_frames))
+
+
+def shard_chunk(params: dict, workdir: str, number: int, frame_ids: list[str]) -> shards_step.ShardResult:
+    """Index shard ``number`` of a chunk's frames (objret.steps.shards.build_shard)."""
+    return shards_step.build_shard(workspace(params, workdir), shards_step.shard_name(number), frame_ids)

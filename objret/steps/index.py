@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -21,13 +22,14 @@ class IndexResult:
     bytes_per_region: float
 
 
-def build_index(ws: Workspace) -> IndexResult:
+def build_index(ws: Workspace, frame_ids: list[str] | None = None, directory: Path | None = None) -> IndexResult:
     """The region index: every stored region of the lake, encoded (whitened when enabled), frames added once.
 
-    New frames are added to the existing index; a change of whitening rebuilds it.
+    New frames are added to the existing index; a change of whitening rebuilds it. ``frame_ids`` and
+    ``directory``: an index of these frames only, saved there (a shard: objret.steps.shards).
     """
     whitening_obj = ws.load_whitening()
-    directory = ws.current_index_dir()
+    directory = directory or ws.current_index_dir()
     ip, rp = ws.params.index, ws.params.regions
     recipe = ws.index_recipe()
     try:
@@ -43,7 +45,8 @@ def build_index(ws: Workspace) -> IndexResult:
     table = ws.region_store.load()
     frames = {f.frame_id: f for f in ws.lake.frames()}
     indexed = set(index.frame_ids) if index is not None else set()
-    new = [fid for fid in table.frame_ids if fid in frames and fid not in indexed]
+    wanted = frames.keys() if frame_ids is None else set(frame_ids) & frames.keys()
+    new = [fid for fid in table.frame_ids if fid in wanted and fid not in indexed]
     vectors = None
     if new:
         table = table.select(new)

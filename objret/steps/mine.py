@@ -30,6 +30,7 @@ from objret.regions.encoding import RegionVectors
 from objret.regions.sources import rmac
 from objret.mining.shortlist import QueryRanking, rank_query
 from objret.steps.discovery import lake_discovery
+from objret.steps.shards import open_shards, saved_shards, shards_dir
 from objret.steps.workspace import Workspace
 
 
@@ -51,9 +52,12 @@ _current: dict[str, LakeSearch] = {}   # one per process: the latest opened, key
 
 def search_key(ws: Workspace) -> str:
     """Changes whenever a new index version is saved or a parameter the loaded maps depend on changes."""
-    directory = ws.current_index_dir()
+    directory = shards_dir(ws) if ws.params.scale_out.index_shards else ws.current_index_dir()
     try:
-        version = (directory / "CURRENT").read_text().strip()
+        if ws.params.scale_out.index_shards:
+            version = [(p.name, (p / "regions" / "CURRENT").read_text().strip()) for p in saved_shards(ws)]
+        else:
+            version = (directory / "CURRENT").read_text().strip()
     except OSError as exc:
         raise ObjretError(f"no region index in {directory}: run build-index first") from exc
     m = ws.params.mining
@@ -86,7 +90,13 @@ def load_search(ws: Workspace, methods: list[str]) -> LakeSearch:
     ``methods`` reads (R-MAC for ``rmac``, OS.EGM descriptors for ``discovery``). Each index must carry the
     recipe the current parameters give (backbone, layer, pooling, whitening)."""
     m, rp = ws.params.mining, ws.params.regions
-    index = RegionIndex.load(ws.current_index_dir(), recipe=ws.index_recipe())
+    mapped = m.mapped_indexes   # memory-mapped: in the page cache, not in this process's memory
+    if ws.params.scale_out.index_shards:
+        index, cells = open_shards(ws, mapped=mapped)
+    else:
+        index = RegionIndex.load(ws.current_index_dir(), recipe=ws.index_recipe(), mapped=mapped)
+        cells = (RegionIndex.load(ws.cells_dir(), recipe=ws.cells_recipe(), mapped=mapped)
+                 if (ws.cells_dir() / "CURRENT").exists() else None)
     frames = {f.frame_id: f for f in ws.lake.frames()}
     ids = [f for f in index.frame_ids if f in frames]
     if not ids:
@@ -97,9 +107,6 @@ def load_search(ws: Workspace, methods: list[str]) -> LakeSearch:
     else:
         def read_maps(frame_ids):
             return ws.cache.load(frame_ids, m.layer)
-    cells = None
-    if (ws.cells_dir() / "CURRENT").exists():
-        cells = RegionIndex.load(ws.cells_dir(), recipe=ws.cells_recipe())
     whitening = ws.load_whitening()
     encoding = RegionVectors(np.zeros((0, index.dim), np.float32), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
                              rp.layer, rp.pooling, whitening)

@@ -4,6 +4,7 @@ and the small-object shortlist's cell index (objret.index.cell_index), new frame
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -87,10 +88,12 @@ def fit_codec(ws: Workspace, frame_ids: list[str], max_cells: int = 100_000) -> 
     return MapCodec.fit(cells, ws.params.index.map_store.pq_m)
 
 
-def cells(ws: Workspace, progress: bool = True) -> CellsResult:
-    """Add the most distinctive cells of every cached lake frame not in the cell index yet."""
+def cells(ws: Workspace, progress: bool = True, frame_ids: list[str] | None = None,
+          directory: Path | None = None) -> CellsResult:
+    """Add the most distinctive cells of every cached lake frame not in the cell index yet (``frame_ids`` and
+    ``directory``: of these frames only, into an index there: a shard, objret.steps.shards)."""
     cp, ip = ws.params.index.cells, ws.params.index
-    directory = ws.cells_dir()
+    directory = directory or ws.cells_dir()
     recipe = ws.cells_recipe()
     try:
         index = RegionIndex.load(directory, recipe=recipe)
@@ -100,7 +103,7 @@ def cells(ws: Workspace, progress: bool = True) -> CellsResult:
         index = None
     indexed = set(index.frame_ids) if index is not None else set()
     frames = {f.frame_id: f for f in ws.lake.frames()}
-    cached = ws.cache.cached_ids()
+    cached = ws.cache.cached_ids() if frame_ids is None else ws.cache.cached_ids() & set(frame_ids)
     todo = [f for f in frames if f in cached and f not in indexed]
     added = 0
     batch = ws.params.index.map_store.shard_frames

@@ -189,6 +189,16 @@ def test_save_load_round_trip(tmp_path, lake, built, kind):
         np.testing.assert_array_equal(got, want)
     assert loaded.best_frames(queries[3], 15) == index.best_frames(queries[3], 15)
     np.testing.assert_array_equal(loaded.owner, index.owner)
+    # Memory-mapped (how mining opens it): the same answers, and it refuses to grow.
+    mapped = RegionIndex.load(tmp_path / "idx", use_gpu=False, mapped=True)
+    for got, want in zip(mapped.search(queries, 20), index.search(queries, 20)):
+        np.testing.assert_array_equal(got, want)
+    assert mapped.best_frames(queries[3], 15) == index.best_frames(queries[3], 15)
+    np.testing.assert_array_equal(mapped.vectors(np.arange(0, 20_000, 997)), index.vectors(np.arange(0, 20_000, 997)))
+    np.testing.assert_array_equal(mapped.boxes, index.boxes)
+    with pytest.raises(ObjretError, match="read-only"):
+        mapped.add(["new-frame"], x[:1])
+    assert len(mapped) == len(index)
 
 
 def test_load_rejects_damaged_index(tmp_path, lake):
@@ -210,8 +220,9 @@ def test_load_rejects_damaged_index(tmp_path, lake):
             manifest = json.loads((version / "manifest.json").read_text())
             manifest["ntotal"] += 1
             (version / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(ObjretError, match=str(directory)):
-            RegionIndex.load(directory)
+        for mapped in (False, True):
+            with pytest.raises(ObjretError, match=str(directory)):
+                RegionIndex.load(directory, mapped=mapped)
 
 
 def test_bytes_per_region(lake, built):

@@ -107,6 +107,56 @@ def test_the_chunks_ran_on_both_workers(single_and_dask):
     assert {(c["worker"], c["cuda_visible_devices"]) for c in feature_chunks} == {("0", "0"), ("1", "1")}
 
 
+@pytest.mark.parametrize("small_box", [0.0, 1.0], ids=["region-shortlist", "cell-shortlist"])
+def test_index_shards_built_on_the_cluster_mine_as_the_single_index(single_and_dask, cluster_address, small_box):
+    """The mining store, the cell index and the region index built as shards of 2 frames by the two workers,
+    then mined through the sharded indexes: the same store codes, ranked frames and boxes as the single-process
+    store and indexes, with the shortlist doing real work (4 of 11 frames re-ranked)."""
+    from objret.mining.shortlist import rank_query
+    from objret.steps import store as store_step
+    from objret.steps.mine import frame_query, load_search
+    from objret.steps.shards import saved_shards
+    from tasks import scale_out
+
+    single, spread, _ = single_and_dask
+    mining = ["index.map_store.shard_frames=2", "mining.rerank=4", "mining.shortlist=8", "mining.reference=3",
+              f"mining.small_box={small_box}"]
+    one = _workspace(single.root, SMALL + mining)
+    store_step.store(one, progress=False)
+    store_step.cells(one, progress=False)
+    sharded = _workspace(spread.root, SMALL + SCALE + mining + [
+        f"scale_out.address={cluster_address}", "scale_out.chunk_frames=2", "scale_out.index_shards=true"])
+    if not saved_shards(sharded):   # built once for both cases, the store again by the workers
+        shutil.rmtree(sharded.map_store.dir, ignore_errors=True)
+        built = scale_out.run(sharded, ["shards"])["shards"]
+        assert (built["built"], built["frames"], built["shards"]) == (6, 12, 6)
+        assert len({c["pid"] for c in built["chunks"]}) == 2 and os.getpid() not in {c["pid"] for c in built["chunks"]}
+        again = scale_out.run(sharded, ["shards"])["shards"]   # every frame is in a saved shard: nothing to do
+        assert again["built"] == 0 and again["shards"] == 6
+        last = saved_shards(sharded)[-1]
+        shutil.rmtree(last / "regions")   # what a build killed between a shard's two indexes leaves
+        assert len(saved_shards(sharded)) == 5
+        resumed = scale_out.run(sharded, ["shards"])["shards"]
+        assert (resumed["built"], resumed["frames"], resumed["shards"]) == (1, 2, 6) and saved_shards(sharded)[-1] == last
+
+    ids = [f.frame_id for f in one.lake.frames()]
+    assert sharded.map_store.stored_ids() == one.map_store.stored_ids() == set(ids)
+    for f in ids:
+        assert np.array_equal(sharded.map_store.codes(f)[0], one.map_store.codes(f)[0])
+
+    a, b = load_search(one, ["fused"]), load_search(sharded, ["fused"])
+    assert type(b.index).__name__ == "ShardedIndex" and b.frame_ids == a.frame_ids
+    frames = one.lake.frames()
+    for frame, box in ((frames[3], [60.0, 70.0, 30.0, 60.0]), (frames[8], [150.0, 90.0, 24.0, 40.0])):
+        query = frame_query(one, frame, box, "fused")
+        ra, rb = (rank_query(s, query, "fused", one.params.mining, gem_p=one.params.index.gem_p) for s in (a, b))
+        assert ra.stage == rb.stage == ("cells+regions" if small_box else "regions")
+        assert ra.candidates == rb.candidates == 4
+        assert rb.ranking.frame_ids == ra.ranking.frame_ids and len(ra.ranking.frame_ids) == 8
+        np.testing.assert_allclose(rb.ranking.boxes, ra.ranking.boxes, atol=0.01)
+        np.testing.assert_allclose(rb.ranking.scores, ra.ranking.scores, atol=1e-4)
+
+
 def test_a_failed_chunk_fails_the_step_by_name_and_a_rerun_resumes(prefect_server, cluster_address, lake_folder,
                                                                     tmp_path):
     from objret.steps import ingest as ingest_step

@@ -176,18 +176,13 @@ def build(workdir: str, out: Path, size: int, seed: int = 0) -> dict:
 
 
 def _region_lists(index: RegionIndex, frame_ids: list[str]) -> dict[str, np.ndarray]:
-    region_ids, owner = _regions_of(index, frame_ids)
-    order = np.argsort(owner, kind="stable")
-    bounds = np.searchsorted(owner[order], np.arange(len(frame_ids) + 1))
-    return {f: region_ids[order[bounds[i]:bounds[i + 1]]] for i, f in enumerate(frame_ids)}
+    region_ids, position = _regions_of(index, frame_ids)
+    bounds = np.searchsorted(position, np.arange(len(frame_ids) + 1))   # regions_of groups them frame by frame
+    return {f: region_ids[bounds[i]:bounds[i + 1]] for i, f in enumerate(frame_ids)}
 
 
 def _regions_of(index: RegionIndex, frame_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    rows = index.rows_of(frame_ids)
-    owner = index.owner
-    pos = {r: i for i, r in enumerate(rows)}
-    region_ids = np.flatnonzero(np.isin(owner, rows))
-    return region_ids, np.array([pos[o] for o in owner[region_ids]], np.int64)
+    return index.regions_of(index.rows_of(frame_ids))
 
 
 # ---- mine ------------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ def build_index_flow(sources: list[str] | None = None, params_path: str | None =
     if todo - set(STEPS):
         raise ObjretError(f"unknown build-index step(s) {', '.join(sorted(todo - set(STEPS)))}: "
                           f"choose among {', '.join(STEPS)}")
+    if ws.params.scale_out.index_shards and "graph" in todo:
+        raise ObjretError("scale_out.index_shards builds no single region index for the region graph: "
+                          "set graph.enabled: false with it")
     tags = {"flow": "build-index", "steps": ",".join(step for step in STEPS if step in todo)}
     with mlflow_run(ws, f"build-index {tags['steps']}" if only else "build-index", tags) as run:
         ingested = steps.ingest(ws, sources) if "ingest" in todo else None
@@ -39,9 +42,6 @@ def build_index_flow(sources: list[str] | None = None, params_path: str | None =
             found = steps.regions(ws) if "regions" in todo else None
         whitening = steps.whitening(ws) if "whitening" in todo else None
         if ws.params.scale_out.index_shards:   # the store and both indexes as shards, on the cluster
-            if graph_on:
-                raise ObjretError("scale_out.index_shards builds no single region index for the region graph: "
-                                  "set graph.enabled: false with it")
             indexed = stored = scale_out.run(ws, ["shards"])["shards"] if {"index", "store"} & todo else None
         else:
             indexed = steps.index(ws) if "index" in todo else None

@@ -41,6 +41,9 @@ class MapCodec:
         self.pq = pq
         # M x 256 x dsub: decoding is a gather (numpy's is ~30x faster than faiss's decode for a frame's cells).
         self._centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+        # Centroids laid out dimension-major: faiss encodes short sub-vectors with SIMD over 256 centroids at once
+        # (the same codes, ~25% faster here).
+        pq.sync_transposed_centroids()
 
     @classmethod
     def fit(cls, cells: np.ndarray, pq_m: int, seed: int = 0) -> "MapCodec":

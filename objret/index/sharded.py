@@ -32,6 +32,7 @@ class ShardedIndex(RegionIndex):
         self.shards = list(shards)
         self.dim, self.recipe, self.mapped = dims.pop(), dict(recipes[0]), all(s.mapped for s in shards)
         self.active = "flat" if all(s.active == "flat" for s in shards) else "ivfpq"
+        self.refine_k_factor = max(s.refine_k_factor for s in shards)   # best_frames' candidate margin
         self.region_offset = np.cumsum([0] + [len(s) for s in shards])
         self.frame_offset = np.cumsum([0] + [s.n_frames for s in shards])
         self.frame_ids = [f for s in shards for f in s.frame_ids]
@@ -41,6 +42,7 @@ class ShardedIndex(RegionIndex):
         self._owner = [np.concatenate([s.owner.astype(np.int64) + o for s, o in zip(shards, self.frame_offset)])]
         self._boxes = [np.concatenate([s.boxes for s in shards])]
         self._meta = None
+        self._frame_starts = self._region_order = None
         self.use_gpu, self._gpu_index = False, None   # each shard keeps its own (GPU) index
 
     def __len__(self) -> int:
@@ -52,7 +54,7 @@ class ShardedIndex(RegionIndex):
     def save(self, directory) -> None:
         raise ObjretError("a sharded index is saved shard by shard (each shard's own save)")
 
-    def search(self, query: np.ndarray, k_regions: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: np.ndarray, k_regions: int, *, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
         q = np.asarray(query, np.float32)
         if q.ndim not in (1, 2) or q.shape[-1] != self.dim:
             raise ObjretError(f"query must be ({self.dim},) or (q, {self.dim}), got {q.shape}")
@@ -66,7 +68,7 @@ class ShardedIndex(RegionIndex):
             for s, (shard, offset) in enumerate(zip(self.shards, self.region_offset)):
                 if not len(shard):
                     continue
-                ids, sims = shard.search(qs, k)
+                ids, sims = shard.search(qs, k, refine=refine)
                 kk = ids.shape[1]
                 all_sims[s, :, :kk] = np.where(ids >= 0, sims, -np.inf)
                 all_ids[s, :, :kk] = np.where(ids >= 0, ids + offset, -1)

@@ -51,7 +51,7 @@ class LakeSearch:
         if not self.frame_ids:
             raise ObjretError("the index holds no frame of the lake: run build-index first")
         self.row_of = {f: i for i, f in enumerate(self.frame_ids)}
-        self._frame_regions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._index_rows: np.ndarray | None = None   # the region index's row of each frame (regions_of)
 
     def __len__(self) -> int:
         return len(self.frame_ids)
@@ -63,8 +63,9 @@ class LakeSearch:
     # ---- first stage -----------------------------------------------------------------------------
 
     def region_shortlist(self, vector: np.ndarray, k: int, exclude: str | None = None) -> list[FrameHit]:
-        """The ``k`` frames whose best region is nearest ``vector`` in the region index, best first."""
-        hits = self.index.best_frames(vector, k + 1)
+        """The ``k`` frames whose best region is nearest ``vector`` in the region index, best first (an IVF-PQ
+        index scores no more frames than that exactly: the shortlist is already a margin over the re-ranked)."""
+        hits = self.index.best_frames(vector, k + 1, candidates=k + 1)
         return [h for h in hits if h.frame_id in self.row_of and h.frame_id != exclude][:k]
 
     def cell_shortlist(self, keys: np.ndarray, k: int, exclude: str | None = None) -> list[FrameHit]:
@@ -111,16 +112,9 @@ class LakeSearch:
 
     def regions_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The region index's regions of the frames at ``rows``: (region ids, position of their frame in rows)."""
-        if self._frame_regions is None:
-            index_row = self.index.rows_of(self.frame_ids)
-            owner = self.index.owner
-            order = np.argsort(owner, kind="stable")
-            starts = np.searchsorted(owner[order], np.arange(self.index.n_frames + 1))
-            self._frame_regions = (order, starts[index_row], starts[index_row + 1])
-        order, start, stop = self._frame_regions
-        counts = stop[rows] - start[rows]
-        ids = np.concatenate([order[a:b] for a, b in zip(start[rows], stop[rows])]) if len(rows) else np.zeros(0, np.int64)
-        return ids.astype(np.int64), np.repeat(np.arange(len(rows)), counts)
+        if self._index_rows is None:
+            self._index_rows = self.index.rows_of(self.frame_ids)
+        return self.index.regions_of(self._index_rows[np.asarray(rows, np.int64)])
 
     def graph_rows(self, diffusion: GraphDiffusion) -> np.ndarray:
         """The graph's frame row of each row of this LakeSearch (computed once per graph version)."""

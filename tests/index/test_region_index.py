@@ -84,6 +84,42 @@ def test_best_frames_takes_each_frames_best_region():
                                [vectors[4, 0], vectors[0, 0], -np.inf], atol=1e-6)
 
 
+def test_ivfpq_best_frames_scores_whole_frames_from_the_refine_vectors(lake, built):
+    """IVF-PQ picks frames by PQ codes, then scores each by the best of all its regions' refine vectors: each
+    hit is its frame's best region (as frame_scores sees it), hits come sorted, and with a margin of candidates
+    (mining's: its shortlist is 6.7 times its re-ranked frames) the flat top 20 is in the first 30 (measured:
+    0.999 of it at 5x on this data, where PQ codes alone find 0.41 of the 10 nearest regions)."""
+    fids, x, queries = lake
+    index, flat = built["ivfpq"], built["flat"]
+    kept = []
+    for q in queries[:10]:
+        hits = index.best_frames(q, 100, candidates=100)
+        frames = [h.frame_id for h in hits]
+        scores = np.array([h.score for h in hits])
+        np.testing.assert_allclose(scores, index.frame_scores(q, frames), atol=1e-6)
+        assert np.all(np.diff(scores) <= 0) and len(set(frames)) == 100
+        for h in hits[:5]:
+            own = np.flatnonzero(index.owner == index.frame_ids.index(h.frame_id))
+            assert h.region_id == own[np.argmax(index.vectors(own) @ q)]
+            assert h.box == tuple(float(v) for v in index.boxes[h.region_id])
+        truth = [h.frame_id for h in flat.best_frames(q, 20)]
+        kept.append(len(set(truth) & set(frames[:30])) / 20)
+    assert np.mean(kept) >= 0.95
+
+
+def test_regions_of_groups_regions_by_frame_in_any_add_order():
+    """Frames whose regions were added interleaved still get all their regions, frame by frame, in rows' order."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 8)).astype(np.float32)
+    index = RegionIndex(8, kind="flat", use_gpu=False)
+    index.add(["a", "b", "a", "c", "b", "a"], x[:6])
+    index.add(["d", "d", "e"], x[6:])
+    region_ids, position = index.regions_of(index.rows_of(["b", "e", "a", "d"]))
+    assert region_ids.tolist() == [1, 4, 8, 0, 2, 5, 6, 7] and position.tolist() == [0, 0, 1, 2, 2, 2, 3, 3]
+    best, region = index.best_regions(x[5], index.rows_of(["c", "a"]))
+    assert region.tolist() == [3, 5] and best[1] == pytest.approx(float(x[5] @ x[5]), rel=1e-5)
+
+
 def test_adding_a_known_frame_is_a_no_op(lake):
     fids, x, queries = lake
     index = RegionIndex(D, kind="flat", use_gpu=False)

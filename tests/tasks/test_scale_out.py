@@ -108,7 +108,8 @@ def test_the_chunks_ran_on_both_workers(single_and_dask):
 
 
 @pytest.mark.parametrize("small_box", [0.0, 1.0], ids=["region-shortlist", "cell-shortlist"])
-def test_index_shards_built_on_the_cluster_mine_as_the_single_index(single_and_dask, cluster_address, small_box):
+def test_index_shards_built_on_the_cluster_mine_as_the_single_index(single_and_dask, cluster_address, lake_folder,
+                                                                   small_box):
     """The mining store, the cell index and the region index built as shards of 2 frames by the two workers,
     then mined through the sharded indexes: the same store codes, ranked frames and boxes as the single-process
     store and indexes, with the shortlist doing real work (4 of 11 frames re-ranked)."""
@@ -155,6 +156,17 @@ def test_index_shards_built_on_the_cluster_mine_as_the_single_index(single_and_d
         assert rb.ranking.frame_ids == ra.ranking.frame_ids and len(ra.ranking.frame_ids) == 8
         np.testing.assert_allclose(rb.ranking.boxes, ra.ranking.boxes, atol=0.01)
         np.testing.assert_allclose(rb.ranking.scores, ra.ranking.scores, atol=1e-4)
+
+    if small_box:   # build-index with index_shards: the shards step in place of index and store (all built already)
+        from flows.build_index import build_index_flow
+        from objret.errors import ObjretError
+
+        overrides = SMALL + SCALE + mining + [f"scale_out.address={cluster_address}", "scale_out.chunk_frames=2",
+                                              "scale_out.index_shards=true"]
+        flowed = build_index_flow(sources=[str(lake_folder)], overrides=overrides, workdir=str(spread.root))
+        assert flowed["index"] is flowed["store"] and (flowed["index"]["built"], flowed["index"]["shards"]) == (0, 6)
+        with pytest.raises(ObjretError, match="graph.enabled: false"):
+            build_index_flow(overrides=overrides + ["graph.enabled=true"], workdir=str(spread.root))
 
 
 def test_a_failed_chunk_fails_the_step_by_name_and_a_rerun_resumes(prefect_server, cluster_address, lake_folder,

@@ -240,6 +240,7 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
         anon = max(anon, rss_split()["RssAnon"])
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # mining alone, before the timing below
     file_backed = rss_split()["RssFile"]
+    by_file = rss_by_file(out)
     for query in timed:   # exhaustive template matching of the same queries over a sample, read from the store
             t = time.perf_counter()
             rows = np.sort(sample_rows)
@@ -260,7 +261,7 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
             "speedup_vs_exhaustive": per_frame * len(ids) / float(np.percentile(lat, 50)),
             "positives_in_top50": float(np.mean(hits)) if hits else None,
             "peak_rss_mb": peak_rss, "rss_file_backed_mb": file_backed, "rss_anonymous_max_mb": anon,
-            "rss_after_open_mb": rss_open, "rss_before_open_mb": rss0,
+            "rss_after_open_mb": rss_open, "rss_before_open_mb": rss0, "rss_file_backed_by_part_mb": by_file,
             "index_ram_bytes_per_frame": ram / len(ids),
             "disk_bytes_per_frame": disk_bytes(out) / len(ids),
             "store_bytes_per_frame": store.bytes_on_disk() / len(ids)}
@@ -272,6 +273,22 @@ def rss_split() -> dict[str, float]:
     with open("/proc/self/status") as status:
         return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in status)
                 if k in ("RssAnon", "RssFile")}
+
+
+def rss_by_file(out: Path) -> dict[str, float]:
+    """Resident pages of the lake's memory-mapped files, MB, by part of the lake (regions, cells, store)."""
+    parts: dict[str, float] = {}
+    name = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 6:   # a mapping's header line ends with its path
+                path = Path(fields[-1])
+                name = (path.relative_to(out).parts[0] + "/" + path.name.split("-")[0].split(".")[0]
+                        if path.is_relative_to(out) else None)
+            elif fields[0] == "Rss:" and name is not None:
+                parts[name] = parts.get(name, 0.0) + int(fields[1]) / 1024
+    return {k: round(v, 1) for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 1}
 
 
 def index_ram(index: RegionIndex) -> int:

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", help="every method's aggregates in one JSON (default: RESULTS.summary.json)")
     p.add_argument("--recall-curve", help="every method's mean Recall@K, CSV k,method,recall "
                                           "(default: RESULTS.recall_at_k.csv)")
+    p.add_argument("--held-out", action="store_true",
+                   help="also choose eval.tune's parameters leave-one-set-out and print the held-out figures beside "
+                        "the in-sample ones (one more ranking of every query per candidate setting)")
     _common(p)
 
     p = sub.add_parser("demo", help="the main job: PETS 2009 video (or SOURCE) -> index -> mine the sample report")
@@ -187,8 +190,10 @@ def cmd_eval(args) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     result = evaluate_flow(bench_dir=str(Path(args.bench).resolve()), results=str(Path(args.results).resolve()),
                            methods=methods, summary_json=args.summary, curve_csv=args.recall_curve,
-                           **_flow_kwargs(args))
+                           held_out=args.held_out, **_flow_kwargs(args))
     print(result["table"])
+    if "held_out" in result:
+        print("\nleave-one-set-out (eval.tune)\n" + result["held_out"])
     for method, info in result["methods"].items():
         print(f"{method}: {info['seconds_per_query'] * 1000:.0f} ms per query, results in {info['results']}")
     for name, path in result["plots"].items():

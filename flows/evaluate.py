@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from objret import storage
 from objret.config import load_params
 from objret.eval.bench import load_bench
+from objret.eval.heldout import as_overrides, held_out_table, leave_one_set_out, tune_grid
 from objret.eval.metrics import compare_table, flat_metrics, format_table, recall_curve, summary_metrics
 from objret.eval.plots import draw, plot_data
 from objret.eval.run import bench_frame_ids, evaluate_methods
@@ -37,10 +38,12 @@ def results_path_for(results: str, method: str, first: bool) -> str:
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None, params_path: str | None = None,
                   overrides: list[str] | None = None, workdir: str | None = None,
-                  summary_json: str | None = None, curve_csv: str | None = None) -> dict:
+                  summary_json: str | None = None, curve_csv: str | None = None, held_out: bool = False) -> dict:
     """Besides each method's results and metrics: ``summary_json`` (default RESULTS.summary.json), every method's
     aggregates in one JSON, and ``curve_csv`` (default RESULTS.recall_at_k.csv), every method's mean Recall@K
-    (columns k, method, recall): the DVC stage's metrics and plots files."""
+    (columns k, method, recall): the DVC stage's metrics and plots files. ``held_out``: the default method's
+    figures with ``eval.tune``'s parameters chosen leave-one-set-out beside the in-sample ones
+    (objret.eval.heldout; RESULTS.heldout.json), each candidate setting ranking every query once."""
     ws = Workspace(load_params(params_path, overrides), workdir)
     bench = load_bench(bench_dir)
     methods = methods or [ws.params.mining.method, "gem"]
@@ -97,4 +100,35 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
                                 f"{format_table(run.report, details=True)}" for run in runs)
         mlflow.log_text(details, "eval_details.txt")
         get_run_logger().info("\n%s", table)
-        return {"table": table, "details": details, "methods": summary, "plots": plots}
+        out = {"table": table, "details": details, "methods": summary, "plots": plots}
+        if held_out:
+            out["held_out"] = _held_out(ws, bench, frame_of, runs[0], results)
+            get_run_logger().info("\n%s", out["held_out"])
+        return out
+
+
+def _held_out(ws: Workspace, bench, frame_of: dict, default_run, results: str) -> str:
+    """Rank the bench with every eval.tune candidate (the run already made where a candidate is params as they
+    are), choose leave-one-set-out, write RESULTS.heldout.json and log both sides' figures; the table."""
+    settings = tune_grid(ws.params.eval.tune)
+    rankings = []
+    for setting in settings:
+        params = ws.params.replace(*as_overrides(setting))
+        if params.mining == ws.params.mining:
+            rankings.append(default_run.results)
+            continue
+        tuned = Workspace(params, str(ws.root))
+        search = load_search(tuned, [default_run.method])
+        rankings.append(evaluate_methods(bench, frame_of, [default_run.method],
+                                         query_ranker(tuned, search, frame_of))[0].results)
+    chosen = leave_one_set_out(bench, rankings, settings)
+    table = held_out_table(chosen)
+    storage.write_bytes(beside(results, "heldout.json"), json.dumps({
+        "method": default_run.method, "settings": settings, "chosen": chosen.chosen, "in_sample": chosen.in_sample,
+        "held_out": chosen.held_out_report.to_dict()["groups"],
+        "in_sample_groups": chosen.in_sample_report.to_dict()["groups"],
+        "results": chosen.held_out_results}, indent=1).encode())
+    log_metrics({f"heldout.{k}": v for k, v in flat_metrics(chosen.held_out_report).items()}
+                | {f"insample.{k}": v for k, v in flat_metrics(chosen.in_sample_report).items()})
+    mlflow.log_text(table, "eval_heldout.txt")
+    return table

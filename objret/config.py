@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from objret.errors import ObjretError
 
@@ -195,6 +195,16 @@ class DatasetParams(Section):
 class EvalParams(Section):
     bench: str
     methods: str   # comma-separated (DVC interpolates it into the eval stage's command line); the first is the default
+    tune: dict[str, list[str | bool | int | float | None]]   # `objret eval --held-out`: mining parameters chosen
+                                                             # leave-one-set-out, each with its candidate values
+
+    @field_validator("tune")
+    @classmethod
+    def _mining_parameters(cls, value: dict) -> dict:
+        bad = [k for k in value if not k.startswith("mining.")]
+        if bad:
+            raise ValueError(f"only mining parameters are tuned (the lake and its indexes stay as built): {bad}")
+        return value
 
     @field_validator("methods")
     @classmethod
@@ -250,6 +260,16 @@ class Params(Section):
     scale_out: ScaleOutParams
     service: ServiceParams
     tracking: TrackingParams
+
+    @model_validator(mode="after")
+    def _tuned_parameters_exist(self) -> "Params":
+        for key in self.eval.tune:
+            node = self.to_dict()
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"eval.tune names {key!r}, which is not a parameter")
+                node = node[part]
+        return self
 
     def to_dict(self) -> dict:
         """The parameters as params.yaml spells them (for another process, a run record, a Prefect parameter)."""
@@ -316,6 +336,8 @@ def _problem(error: dict) -> str:
         return f"unknown parameter {where!r} (misspelt, or not read by objret)"
     if error["type"] == "missing":
         return f"missing parameter {where!r}"
+    if not error["loc"]:   # a check across sections: its message names what is wrong
+        return error["msg"].removeprefix("Value error, ")
     return f"parameter {where!r} = {value!r}: {error['msg']}"
 
 

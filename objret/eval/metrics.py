@@ -294,7 +294,7 @@ def summary_metrics(report: EvalReport) -> dict[str, dict[str, float | None]]:
     file (``dvc metrics show``) beside the full report."""
     return {g.key: {"n": g.n, "mAP": g.mAP, **{f"R@{k}": v for k, v in g.recall.items()},
                     **({"Loc@10": g.loc10} if g.kind == "instance" else {})}
-            for g in _shown(report.groups, details=False)}
+            for g in shown_groups(report.groups)}
 
 
 def _cell(value: float | None) -> str:
@@ -322,13 +322,14 @@ def _is_detail(g: GroupStats) -> bool:
     return g.name.startswith("class/cat ") or (g.kind == "instance" and g.key.startswith("instance_area"))
 
 
-def _shown(groups: list[GroupStats], details: bool) -> list[GroupStats]:
+def shown_groups(groups: list[GroupStats], details: bool = False) -> list[GroupStats]:
+    """The groups a table shows: per-category and instance size rows only with ``details``."""
     return [g for g in groups if details or not _is_detail(g)]
 
 
 def format_table(report: EvalReport, details: bool = False) -> str:
     """Fixed-width text table, one row per group; per-category and instance size rows only with details."""
-    groups = _shown(report.groups, details)
+    groups = shown_groups(report.groups, details)
     name_width = max([len("group")] + [len(g.name) for g in groups])
     header = f"{'group':<{name_width}} {'n':>5} " + " ".join(
         f"{h:>{w}}" for h, w in zip(_METRIC_HEADERS, _METRIC_WIDTHS))
@@ -347,7 +348,7 @@ def compare_table(reports: dict[str, EvalReport], details: bool = False) -> str:
     names: list[str] = []
     sizes: dict[str, int] = {}
     for report in reports.values():
-        for g in _shown(report.groups, details):
+        for g in shown_groups(report.groups, details):
             if g.name not in sizes:
                 names.append(g.name)
                 sizes[g.name] = g.n

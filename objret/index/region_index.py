@@ -37,6 +37,7 @@ import faiss
 import numpy as np
 
 from objret.errors import ObjretError
+from objret.index.mapped_rows import decode_rows, random_access, refine_codes
 from objret.index.sizing import HNSW_QUANTIZER_MIN, default_nlist, default_nprobe, default_pq_m, serialized_size
 from objret.versions import save_version
 
@@ -94,6 +95,7 @@ class RegionIndex:
         self._frame_starts: np.ndarray | None = None   # regions_of's frame -> region ranges, built on first use
         self._region_order: np.ndarray | None = None
         self.mapped = False   # opened read-only by memory map (load)
+        self._refine_codes = None   # mapped: the refine codes read without read-ahead (objret.index.mapped_rows)
         if use_gpu is None:
             use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
         self.use_gpu = bool(use_gpu)
@@ -136,6 +138,9 @@ class RegionIndex:
             self._direct_map = True
         if not len(ids):
             return np.zeros((0, self.dim), np.float32)
+        if self._refine_codes is not None:
+            codes, refine = self._refine_codes
+            return np.concatenate([decode_rows(codes, refine, ids[s:s + _CHUNK]) for s in range(0, len(ids), _CHUNK)])
         return np.concatenate([self.index.reconstruct_batch(ids[s:s + _CHUNK]) for s in range(0, len(ids), _CHUNK)])
 
     def region_frames(self, region_ids: np.ndarray) -> list[str]:
@@ -444,6 +449,9 @@ class RegionIndex:
         out.frame_ids, out._row = frame_ids, {f: i for i, f in enumerate(frame_ids)}
         out._owner, out._boxes = [owner.astype(np.int32, copy=False)], [boxes.astype(np.float32, copy=False)]
         out.mapped = mapped
+        if mapped:   # rows read at random: no read-ahead (objret.index.mapped_rows)
+            random_access(boxes)
+            out._refine_codes = refine_codes(version / "regions.faiss", index)
         out._meta = {k: [v] for k, v in meta.items()}
         out._direct_map = (out.active == "ivfpq" and out.refine is None
                            and index.direct_map.type != faiss.DirectMap.NoMap)

@@ -231,6 +231,10 @@ def test_save_load_round_trip(tmp_path, lake, built, kind):
         np.testing.assert_array_equal(got, want)
     assert mapped.best_frames(queries[3], 15) == index.best_frames(queries[3], 15)
     np.testing.assert_array_equal(mapped.vectors(np.arange(0, 20_000, 997)), index.vectors(np.arange(0, 20_000, 997)))
+    # IVF-PQ's refine codes are read from their own read-only mapping, without read-ahead (mapped_rows).
+    assert (mapped._refine_codes is not None) == (kind == "ivfpq")
+    scattered = np.random.default_rng(2).permutation(20_000)[:3000]
+    np.testing.assert_array_equal(mapped.vectors(scattered), index.vectors(scattered))
     np.testing.assert_array_equal(mapped.boxes, index.boxes)
     with pytest.raises(ObjretError, match="read-only"):
         mapped.add(["new-frame"], x[:1])

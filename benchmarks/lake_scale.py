@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import shutil
@@ -48,7 +49,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHARD = 1024
 
 
-OVERRIDES: list[str] = []   # --set KEY=VALUE: parameters over params.yaml (e.g. mining.mapped_indexes=true)
+OVERRIDES: list[str] = []   # --set KEY=VALUE: parameters over params.yaml (e.g. mining.mapped_indexes=false)
 
 
 def bench_workspace(workdir: str) -> Workspace:
@@ -267,6 +268,14 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
             "store_bytes_per_frame": store.bytes_on_disk() / len(ids)}
 
 
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold drops the page cache, which needs root: {exc}") from exc
+
+
 def rss_split() -> dict[str, float]:
     """This process's resident memory now, in MB: RssAnon (its own) and RssFile (pages of memory-mapped files:
     the page cache, which the kernel drops under memory pressure and reads again when touched)."""
@@ -313,6 +322,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "lake_scale.json"))
     parser.add_argument("--mine-only", action="store_true", help="reuse the lakes (and build figures) already built")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a parameter override")
+    parser.add_argument("--cold", action="store_true",
+                        help="drop the page cache before each mining run (root): mapped files read from disk, as "
+                             "after a reboot or in a lake larger than RAM, not still cached from the build")
     parser.add_argument("--step", choices=["build", "mine"], help=argparse.SUPPRESS)   # one step, in a child
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -335,6 +347,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--step", step, "--size", str(size), "--workdir", args.workdir,
                    "--bench", args.bench, "--queries", str(args.queries), "--sample", str(args.sample),
                    "--lakes", str(lakes)] + [f"--set={o}" for o in args.set]
+            if step == "mine" and args.cold:
+                drop_page_cache()
             done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
             row[step] = json.loads(done.stdout.strip().splitlines()[-1])
             saved.write_text(json.dumps(row[step]))
@@ -346,9 +360,10 @@ def main() -> None:
         fit = math.log(b["mine"]["latency_p50_s"] / a["mine"]["latency_p50_s"]) / math.log(b["frames"] / a["frames"])
     mining = load_params(None, args.set).mining
     report = {"command": f"python benchmarks/lake_scale.py --workdir W --sizes {args.sizes} --queries {args.queries} "
-                         f"--sample {args.sample}" + "".join(f" --set {o}" for o in args.set),
+                         f"--sample {args.sample}" + "".join(f" --set {o}" for o in args.set) + " --cold" * args.cold,
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "params": {"rerank": mining.rerank, "shortlist": mining.shortlist, "mapped_indexes": mining.mapped_indexes},
+              "page_cache": "dropped before mining" if args.cold else "as the build left it",
               "lakes": rows, "latency_growth_exponent": fit}
     Path(args.out).write_text(json.dumps(report, indent=1))
     Path(args.out).with_suffix(".md").write_text(table(report))

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from objret.index.region_index import FrameHit, RegionIndex
+from objret.index.frame_scoring import FrameHit
+from objret.index.region_index import RegionIndex
 from objret.regions.pooling import box_template, box_to_cells, l2n, template_grid
 
 CELLS_PER_KEY = 10   # cells each template cell retrieves, per frame wanted

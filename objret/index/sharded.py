@@ -42,7 +42,7 @@ class ShardedIndex(RegionIndex):
         self._owner = [np.concatenate([s.owner.astype(np.int64) + o for s, o in zip(shards, self.frame_offset)])]
         self._boxes = [np.concatenate([s.boxes for s in shards])]
         self._meta = None
-        self._frame_starts = self._region_order = self._refine_codes = None
+        self._refine_codes = None
         self.use_gpu, self._gpu_index = False, None   # each shard keeps its own (GPU) index
 
     def __len__(self) -> int:

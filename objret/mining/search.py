@@ -21,7 +21,8 @@ import numpy as np
 from objret.errors import ObjretError
 from objret.graph.diffusion import GraphDiffusion
 from objret.index.cell_index import vote
-from objret.index.region_index import FrameHit, RegionIndex
+from objret.index.frame_scoring import FrameHit
+from objret.index.region_index import RegionIndex
 from objret.ingest.lake import Frame
 from objret.mining.lakemaps import LakeMaps
 from objret.mining.template_matching import MapStack

@@ -21,7 +21,7 @@ from objret.config import MiningParams
 from objret.errors import ObjretError
 from objret.graph.diffusion import GraphDiffusion
 from objret.index.cell_index import template_keys
-from objret.index.region_index import FrameHit
+from objret.index.frame_scoring import FrameHit
 from objret.mining.evidence import Ranking, query_region_vector
 from objret.mining.methods import Method, RankInputs, get_method
 from objret.mining.query import QueryObject

@@ -7,8 +7,9 @@ every instance query of the bench (pasted objects, video instances) and a fixed 
 with boxes under 1% of the frame): the frames `objret mine` would re-rank (objret.mining.shortlist.first_stage,
 the first ``mining.rerank``, with the current params.yaml) against the top 50 gallery frames of exhaustive
 matching (the same method with every frame template-matched over the fp16 cache: mining.rerank above the lake,
-mining.maps=cache). Prints and writes the mean recall per query group
-(benchmarks/results/shortlist_recall.json).
+mining.maps=cache), and against the positives exhaustive matching ranks in its first 20 (what the shortlist costs
+in mAP: most gallery frames in a top 50 are negatives for an instance query). Prints and writes the mean recall per
+query group (benchmarks/results/shortlist_recall.json).
 """
 
 from __future__ import annotations
@@ -62,28 +63,36 @@ def main() -> None:
     queries = ([q for q in bench.queries if q.kind == "instance"]
                + [small[i] for i in sorted(rng.choice(len(small), min(half, len(small)), replace=False))]
                + [large[i] for i in sorted(rng.choice(len(large), min(half, len(large)), replace=False))])
-    recall, stages = defaultdict(list), defaultdict(lambda: defaultdict(int))
+    recall, found, stages = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(int))
     for q in tqdm(queries, desc="shortlist", unit="query"):
         query = frame_query(ws, search.frames[frame_of[q.key]], q.bbox, m.method)
         ranking = rank_report_query(exhaustive_ws, every, query, m.method)[0].ranking
-        best = [e for e in gallery_entries(bench, q, frame_of, ranking)][:args.top]
-        best = [frame_of[(e["set"], e["image_id"])] for e in best]
+        entries = gallery_entries(bench, q, frame_of, ranking)
+        best = [frame_of[(e["set"], e["image_id"])] for e in entries[:args.top]]
+        positives = bench.positives(q)
+        top_positives = {frame_of[(e["set"], e["image_id"])] for e in entries[:20]
+                         if (e["set"], e["image_id"]) in positives}
         if not best:
             continue
         stage, hits = first_stage(search, method, query, query_region_vector(query, search.encoding), m)
         kept = set(search.frame_ids) if hits is None else {h.frame_id for h in hits[:m.rerank]}
         for group in (group_of(q), "all"):
             recall[group].append(len(kept & set(best)) / len(best))
+            if top_positives:
+                found[group].append(len(kept & top_positives) / len(top_positives))
             stages[group][stage] += 1
     report = {"command": f"python benchmarks/shortlist_recall.py --bench {args.bench} --workdir W "
                          f"--class-queries {args.class_queries}",
               "rerank": m.rerank, "lake_frames": len(search), "top": args.top,
               "recall": {g: {"queries": len(v), "mean": float(np.mean(v))} for g, v in sorted(recall.items())},
+              "positives_in_top20": {g: {"queries": len(v), "mean": float(np.mean(v))}
+                                     for g, v in sorted(found.items())},
               "stages": {g: dict(v) for g, v in sorted(stages.items())}}
     Path(args.out).write_text(json.dumps(report, indent=1))
     for g, v in report["recall"].items():
+        hit = report["positives_in_top20"].get(g, {"mean": float("nan"), "queries": 0})
         print(f"{g:16s} {v['queries']:4d} queries  recall of exhaustive top {args.top}: {v['mean']:.3f}  "
-              f"{report['stages'][g]}")
+              f"of its positives in the top 20: {hit['mean']:.3f} ({hit['queries']} queries)  {report['stages'][g]}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,16 @@ for _key, _value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
 from objret.errors import ObjretError, ReportError  # noqa: E402
 
 
+def _frames_judged(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"frames judged per query must be a whole number >= 0, not {text!r}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", help="parameter file (default: the repository's params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -55,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", action="store_true",
                    help="also choose eval.tune's parameters leave-one-set-out and print the held-out figures beside "
                         "the in-sample ones (one more ranking of every query per candidate setting)")
+    p.add_argument("--review-round", type=_frames_judged, default=0, metavar="N",
+                   help="also simulate one review of each query's first N frames (positives accepted, the rest "
+                        "rejected), mine again with the verdicts and print mAP before and after (one more ranking "
+                        "of every query)")
     _common(p)
 
     p = sub.add_parser("demo", help="the main job: PETS 2009 video (or SOURCE) -> index -> mine the sample report")
@@ -190,10 +204,12 @@ def cmd_eval(args) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     result = evaluate_flow(bench_dir=str(Path(args.bench).resolve()), results=str(Path(args.results).resolve()),
                            methods=methods, summary_json=args.summary, curve_csv=args.recall_curve,
-                           held_out=args.held_out, **_flow_kwargs(args))
+                           held_out=args.held_out, review=args.review_round, **_flow_kwargs(args))
     print(result["table"])
     if "held_out" in result:
         print("\nleave-one-set-out (eval.tune)\n" + result["held_out"])
+    if "review" in result:
+        print("\n" + result["review"])
     for method, info in result["methods"].items():
         print(f"{method}: {info['seconds_per_query'] * 1000:.0f} ms per query, results in {info['results']}")
     for name, path in result["plots"].items():

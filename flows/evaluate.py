@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow, get_run_logger
+from tqdm import tqdm
 
 from objret import storage
 from objret.config import load_params
@@ -14,7 +15,8 @@ from objret.eval.bench import load_bench
 from objret.eval.heldout import as_overrides, held_out_table, leave_one_set_out, tune_grid
 from objret.eval.metrics import compare_table, flat_metrics, format_table, recall_curve, summary_metrics
 from objret.eval.plots import draw, plot_data
-from objret.eval.run import bench_frame_ids, evaluate_methods
+from objret.eval.review_round import review_round, review_table
+from objret.eval.run import bench_frame_ids, evaluate_methods, gallery_entries
 from objret.steps.mine import load_search, query_ranker
 from objret.steps.workspace import Workspace
 from tasks import steps
@@ -38,12 +40,15 @@ def results_path_for(results: str, method: str, first: bool) -> str:
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None, params_path: str | None = None,
                   overrides: list[str] | None = None, workdir: str | None = None,
-                  summary_json: str | None = None, curve_csv: str | None = None, held_out: bool = False) -> dict:
+                  summary_json: str | None = None, curve_csv: str | None = None, held_out: bool = False,
+                  review: int = 0) -> dict:
     """Besides each method's results and metrics: ``summary_json`` (default RESULTS.summary.json), every method's
     aggregates in one JSON, and ``curve_csv`` (default RESULTS.recall_at_k.csv), every method's mean Recall@K
     (columns k, method, recall): the DVC stage's metrics and plots files. ``held_out``: the default method's
     figures with ``eval.tune``'s parameters chosen leave-one-set-out beside the in-sample ones
-    (objret.eval.heldout; RESULTS.heldout.json), each candidate setting ranking every query once."""
+    (objret.eval.heldout; RESULTS.heldout.json), each candidate setting ranking every query once. ``review``: one
+    simulated review round of that many frames a query (objret.eval.review_round; RESULTS.review.json), the
+    default method's figures before and after it."""
     ws = Workspace(load_params(params_path, overrides), workdir)
     bench = load_bench(bench_dir)
     methods = methods or [ws.params.mining.method, "gem"]
@@ -104,7 +109,31 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
         if held_out:
             out["held_out"] = _held_out(ws, bench, frame_of, runs[0], results)
             get_run_logger().info("\n%s", out["held_out"])
+        if review:
+            out["review"] = _review_round(ws, bench, frame_of, search, runs[0], results, review)
+            get_run_logger().info("\n%s", out["review"])
         return out
+
+
+def _review_round(ws: Workspace, bench, frame_of: dict, search, default_run, results: str, judged: int) -> str:
+    """The default method mined again after a simulated review of its first ``judged`` frames a query; writes
+    RESULTS.review.json, logs the figures before and after; the table."""
+    rank_with = query_ranker(ws, search, frame_of)
+
+    def rank_again(q, feedback):
+        return gallery_entries(bench, q, frame_of, rank_with(default_run.method, q, feedback))
+
+    done = review_round(bench, frame_of, default_run.results, rank_again, judged,
+                        progress=lambda qs: tqdm(qs, desc="review round", unit="query", dynamic_ncols=True))
+    table = review_table(done)
+    storage.write_bytes(beside(results, "review.json"), json.dumps({
+        "method": default_run.method, "judged": judged, "feedback": ws.params.mining.feedback.model_dump(),
+        "before": done.before.to_dict()["groups"], "after": done.after.to_dict()["groups"],
+        "verdicts": done.verdicts, "results": done.results}, indent=1).encode())
+    log_metrics({f"review.before.{k}": v for k, v in flat_metrics(done.before).items()}
+                | {f"review.after.{k}": v for k, v in flat_metrics(done.after).items()})
+    mlflow.log_text(table, "eval_review.txt")
+    return table
 
 
 def _held_out(ws: Workspace, bench, frame_of: dict, default_run, results: str) -> str:

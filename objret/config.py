@@ -164,6 +164,13 @@ class DiffusionParams(Section):
     weight: float
 
 
+class FeedbackParams(Section):
+    enabled: bool
+    positive: float = Field(ge=0)
+    negative: float = Field(ge=0)
+    templates: int = Field(ge=0)
+
+
 class MiningParams(Section):
     method: MethodName
     rerank: int = Field(ge=1)
@@ -183,6 +190,7 @@ class MiningParams(Section):
     dedup_frames: int = Field(ge=0)
     dedup_iou: float = Field(ge=0, le=1)
     diffusion: DiffusionParams
+    feedback: FeedbackParams
 
 
 class DatasetParams(Section):

@@ -377,6 +377,18 @@ def remove_frames(root: str, report_id: str, frame_ids, *, endpoint_url: str | N
                         sum(1 for a in coco["annotations"] if reported(a)), sorted(drop - found), changed)
 
 
+def report_boxes(root: str, report_id: str, endpoint_url: str | None = None) -> dict[str, tuple[float, ...]]:
+    """The boxes of ``report_id``'s annotations in the dataset at ``root``: frame id -> [x, y, w, h] pixels."""
+    data = _read_annotations(str(root), endpoint_url)
+    if data is None:
+        return {}
+    coco = _parse_annotations(data, storage.join(str(root), ANNOTATIONS_FILE))
+    frame_of_image = {image["id"]: image.get("frame_id") for image in coco["images"]}
+    return {frame_of_image[a["image_id"]]: tuple(float(v) for v in a["bbox"]) for a in coco["annotations"]
+            if isinstance(a.get("objret"), dict) and a["objret"].get("report_id") == report_id
+            and frame_of_image.get(a["image_id"])}
+
+
 def publish(source_root: str, dest_root: str, endpoint_url: str | None = None) -> int:
     """Copy the dataset at ``source_root`` (a folder) to ``dest_root`` (a folder or S3 prefix): the images it
     lacks first, annotations.json last, so readers there see the old version or the new one, never half of one.

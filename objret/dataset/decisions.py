@@ -1,9 +1,10 @@
 """Review decisions: the DECISIONS.json a review page exports (objret.dataset.review_page), checked, and applied to the
 retraining dataset (rejected frames removed, the rest kept).
 
-A report's rejected frames are remembered in the dataset folder (``rejections.json``, so they are versioned with
-the dataset): a re-mine of the report does not push them again (pipeline.push_mined). A later decision to accept
-a frame forgets its rejection.
+A report's verdicts are remembered in the dataset folder (``rejections.json`` and ``acceptances.json``, so they
+are versioned with the dataset): a re-mine of the report does not push rejected frames again
+(objret.steps.dataset.push_mined), and learns from both (objret.mining.feedback: accepted boxes become templates,
+judged frames are not ranked again). A later decision on a frame replaces the earlier one.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from objret import storage
-from objret.dataset.coco import dataset_bytes, remove_frames
+from objret.dataset.coco import dataset_bytes, remove_frames, report_boxes
 from objret.errors import ObjretError
+from objret.mining.feedback import Feedback
 
 REJECTIONS_FILE = "rejections.json"
+ACCEPTANCES_FILE = "acceptances.json"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "review_decisions.schema.json"
 
 
@@ -104,7 +107,24 @@ def load_decisions(path: str, endpoint_url: str | None = None) -> Decisions:
 
 def rejections(root: str, endpoint_url: str | None = None) -> dict[str, list[str]]:
     """Every report's rejected frames in the dataset at ``root`` (report id -> sorted frame ids)."""
-    uri = storage.join(str(root), REJECTIONS_FILE)
+    return _verdicts(root, REJECTIONS_FILE, endpoint_url)
+
+
+def acceptances(root: str, endpoint_url: str | None = None) -> dict[str, list[str]]:
+    """Every report's accepted frames in the dataset at ``root`` (report id -> sorted frame ids)."""
+    return _verdicts(root, ACCEPTANCES_FILE, endpoint_url)
+
+
+def review_feedback(root: str, report_id: str, endpoint_url: str | None = None) -> Feedback:
+    """What reviews of ``report_id`` decided, for its next mine: accepted frames with their boxes in the dataset
+    (a frame the dataset no longer annotates is left out: its box is unknown), rejected frames."""
+    boxes = report_boxes(root, report_id, endpoint_url)
+    accepted = {f: boxes[f] for f in acceptances(root, endpoint_url).get(report_id, []) if f in boxes}
+    return Feedback(accepted, frozenset(rejected_frames(root, report_id, endpoint_url)))
+
+
+def _verdicts(root: str, name: str, endpoint_url: str | None = None) -> dict[str, list[str]]:
+    uri = storage.join(str(root), name)
     if not storage.exists(uri, endpoint_url):
         return {}
     try:
@@ -124,18 +144,28 @@ def apply_decisions(root: str, decisions: Decisions, endpoint_url: str | None = 
     same decisions again changes nothing."""
     root = str(root)
     removed = remove_frames(root, decisions.report_id, decisions.rejected, endpoint_url=endpoint_url)
-    every = rejections(root, endpoint_url)
-    mine = (set(every.get(decisions.report_id, [])) | set(decisions.rejected)) - set(decisions.accepted)
-    if mine:
-        every[decisions.report_id] = sorted(mine)
+    rejected, wrote_rejected = _remember(root, REJECTIONS_FILE, decisions.report_id, decisions.rejected,
+                                         decisions.accepted, endpoint_url)
+    _, wrote_accepted = _remember(root, ACCEPTANCES_FILE, decisions.report_id, decisions.accepted,
+                                  decisions.rejected, endpoint_url)
+    return ApplyResult(decisions.report_id, len(decisions.accepted), len(decisions.rejected), removed.removed,
+                       removed.images_removed, removed.kept, removed.not_found, len(rejected), root, removed.version,
+                       removed.changed or wrote_rejected or wrote_accepted)
+
+
+def _remember(root: str, name: str, report_id: str, add, forget, endpoint_url: str | None) -> tuple[set[str], bool]:
+    """Add ``add`` to the report's frames in the verdict file ``name`` and drop ``forget``; returns the report's
+    frames now and whether the file was written (no file until it has a frame)."""
+    every = _verdicts(root, name, endpoint_url)
+    frames = (set(every.get(report_id, [])) | set(add)) - set(forget)
+    if frames:
+        every[report_id] = sorted(frames)
     else:
-        every.pop(decisions.report_id, None)
-    uri = storage.join(root, REJECTIONS_FILE)
+        every.pop(report_id, None)
+    uri = storage.join(root, name)
     data = dataset_bytes(every)
     old = storage.read_bytes(uri, endpoint_url) if storage.exists(uri, endpoint_url) else None
-    written = old != data and (old is not None or bool(every))   # no file until a frame is rejected
+    written = old != data and (old is not None or bool(every))
     if written:
         storage.write_bytes(uri, data, endpoint_url)
-    return ApplyResult(decisions.report_id, len(decisions.accepted), len(decisions.rejected), removed.removed,
-                       removed.images_removed, removed.kept, removed.not_found, len(mine), root, removed.version,
-                       removed.changed or written)
+    return frames, written

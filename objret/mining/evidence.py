@@ -46,10 +46,12 @@ def query_region_vector(query: QueryObject, regions: RegionVectors) -> np.ndarra
     return regions.encode(pool_regions(fmap, cells[None], regions.pooling))[0]
 
 
-def best_region_per_frame(query: QueryObject, lake: LakeMaps) -> tuple[np.ndarray, np.ndarray]:
-    """Each frame's best region similarity and that region's box (frames without regions: -1, whole frame)."""
+def best_region_per_frame(query: QueryObject, lake: LakeMaps,
+                          vector: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's best region similarity to ``vector`` (default: the query box's region vector) and that
+    region's box (frames without regions: -1, whole frame)."""
     regions = lake.regions
-    sims = regions.vectors @ query_region_vector(query, regions)
+    sims = regions.vectors @ (query_region_vector(query, regions) if vector is None else vector)
     n = len(lake)
     order = np.lexsort((-sims, regions.owner))  # per owner, best first
     first = order[np.r_[True, regions.owner[order][1:] != regions.owner[order][:-1]]]

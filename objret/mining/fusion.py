@@ -8,15 +8,17 @@ import numpy as np
 
 from objret.config import GateParams, WeightsParams
 from objret.mining.evidence import Ranking, best_region_per_frame, query_templates
+from objret.mining.feedback import FeedbackQuery
 from objret.mining.lakemaps import LakeMaps
 from objret.mining.query import QueryObject
-from objret.mining.template_matching import heatmap_for, match_template
+from objret.mining.template_matching import MapStack, MatchResult, best_of, heatmap_for, match_template
 from objret.regions.pooling import gem
 
 
 def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, layer: str, template_cells: int,
                scales, gem_p: float, fusion: str, gate: GateParams, keep_heatmaps: int = 0,
-               diffusion: np.ndarray | None = None, diffusion_weight: float = 0.0) -> Ranking:
+               diffusion: np.ndarray | None = None, diffusion_weight: float = 0.0,
+               feedback: FeedbackQuery | None = None) -> Ranking:
     """Region, whole-frame and template evidence for every frame of ``lake``, fused into one score a frame.
 
     ``lake`` is what the caller's candidate selection kept (objret.mining.shortlist: the region index's
@@ -38,11 +40,14 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
     ``diffusion`` (one score per frame of ``lake``, e.g. objret.graph.diffusion.GraphDiffusion.scores: the query's
     diffusion over the region graph, after Iscen et al.) is one more evidence on the context side, standardised
     like the others and weighted by ``diffusion_weight``. None: nothing changes.
+
+    ``feedback`` (objret.mining.feedback: a review of the report's last mine) replaces the region and whole-frame
+    vectors with the moved ones and adds the accepted frames' templates.
     """
-    region, region_boxes = best_region_per_frame(query, lake)
-    glob = lake.global_vectors @ gem(query.maps["stride32"], gem_p)
-    templates, footprint = query_templates(query, layer, template_cells)
-    matched = match_template(templates, footprint, lake.stack, scales)
+    vector = None if feedback is None else feedback.region_vector
+    region, region_boxes = best_region_per_frame(query, lake, vector)
+    glob = lake.global_vectors @ (gem(query.maps["stride32"], gem_p) if feedback is None else feedback.global_vector)
+    matched = match_query(query, lake.stack, layer, template_cells, scales, feedback)
     rows = np.arange(len(region))
     reference = rows[np.asarray(lake.frame_ids) != query.frame_id]
     fused, boxes, weight = fuse_evidence(region, glob, matched.scores, region_boxes, matched.boxes,
@@ -59,6 +64,17 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
         if diffusion is not None:
             ranking.evidence[fid]["diffusion"] = float(diffusion[i])
     return ranking
+
+
+def match_query(query: QueryObject, stack: MapStack, layer: str, template_cells: int, scales,
+                feedback: FeedbackQuery | None = None) -> MatchResult:
+    """The query's template (and its mirror view's) matched on every frame of ``stack``; with ``feedback``, each
+    accepted frame's template too, a frame taking its best."""
+    templates, footprint = query_templates(query, layer, template_cells)
+    matched = match_template(templates, footprint, stack, scales)
+    if feedback is None or not feedback.templates:
+        return matched
+    return best_of([matched] + [match_template(t, fp, stack, scales) for t, fp in feedback.templates])
 
 
 def fuse_evidence(region: np.ndarray, glob: np.ndarray, template: np.ndarray, region_boxes: np.ndarray,

@@ -22,19 +22,19 @@ import numpy as np
 
 from objret.config import METHOD_NAMES, MiningParams
 from objret.errors import ObjretError
-from objret.mining.evidence import Ranking, best_region_per_frame, query_templates, whole_frame_boxes
-from objret.mining.fusion import rank_fused
+from objret.mining.evidence import Ranking, best_region_per_frame, whole_frame_boxes
+from objret.mining.feedback import FeedbackQuery
+from objret.mining.fusion import match_query, rank_fused
 from objret.mining.lakemaps import LakeMaps
 from objret.mining.query import QueryObject
-from objret.mining.template_matching import heatmap_for, match_template
+from objret.mining.template_matching import heatmap_for
 from objret.regions.pooling import gem
 from objret.regions.sources import rmac
 
 
 def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: int, scales,
-             keep_heatmaps: int = 0) -> Ranking:
-    templates, footprint = query_templates(query, layer, template_cells)
-    result = match_template(templates, footprint, lake.stack, scales)
+             keep_heatmaps: int = 0, feedback: FeedbackQuery | None = None) -> Ranking:
+    result = match_query(query, lake.stack, layer, template_cells, scales, feedback)
     ranking = Ranking(lake.frame_ids, result.scores, result.boxes)
     for i in np.argsort(-result.scores, kind="stable")[:keep_heatmaps]:
         fid = lake.frame_ids[i]
@@ -50,10 +50,12 @@ def rank_gem(query: QueryObject, lake: LakeMaps, *, global_layer: str, gem_p: fl
     return Ranking(lake.frame_ids, scores.astype(np.float32), boxes.astype(np.float32))
 
 
-def rank_regions(query: QueryObject, lake: LakeMaps, *, global_weight: float, gem_p: float) -> Ranking:
-    scores, boxes = best_region_per_frame(query, lake)
+def rank_regions(query: QueryObject, lake: LakeMaps, *, global_weight: float, gem_p: float,
+                 feedback: FeedbackQuery | None = None) -> Ranking:
+    scores, boxes = best_region_per_frame(query, lake, None if feedback is None else feedback.region_vector)
     if global_weight:
-        scores = scores + global_weight * (lake.global_vectors @ gem(query.maps["stride32"], gem_p))
+        whole = gem(query.maps["stride32"], gem_p) if feedback is None else feedback.global_vector
+        scores = scores + global_weight * (lake.global_vectors @ whole)
     return Ranking(lake.frame_ids, scores.astype(np.float32), boxes)
 
 
@@ -94,6 +96,7 @@ class RankInputs:
     gem_p: float                          # index.gem_p: the lake's whole-frame GeM vectors were pooled with it
     keep_heatmaps: int = 0                # heat maps (and evidence) of this many best frames
     diffusion: np.ndarray | None = None   # per-frame diffusion scores (fused only)
+    feedback: FeedbackQuery | None = None # a review of the report's last mine (fused, regions, dtm)
 
 
 Ranker = Callable[[QueryObject, LakeMaps, RankInputs], Ranking]
@@ -109,6 +112,7 @@ class Method:
                                      # under mining.small_box is shortlisted by the cell index
     every_frame: bool = False        # one cheap score a frame: no shortlist at all
     fuses_diffusion: bool = False    # takes the query's region-graph diffusion as evidence
+    learns_from_review: bool = False # moves its query by a review's verdicts (objret.mining.feedback)
     standardises: bool = False       # weighs evidence by how it stands out from the frames it ranks
 
 
@@ -116,23 +120,24 @@ def _fused(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
     m = x.mining
     return rank_fused(query, lake, weights=m.weights, layer=m.layer, template_cells=m.template_cells,
                       scales=tuple(m.scales), gem_p=x.gem_p, fusion=m.fusion, gate=m.gate,
-                      keep_heatmaps=x.keep_heatmaps, diffusion=x.diffusion, diffusion_weight=m.diffusion.weight)
+                      keep_heatmaps=x.keep_heatmaps, diffusion=x.diffusion, diffusion_weight=m.diffusion.weight,
+                      feedback=x.feedback)
 
 
 def _regions(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
-    return rank_regions(query, lake, global_weight=x.mining.weights.global_, gem_p=x.gem_p)
+    return rank_regions(query, lake, global_weight=x.mining.weights.global_, gem_p=x.gem_p, feedback=x.feedback)
 
 
 def _dtm(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
     m = x.mining
     return rank_dtm(query, lake, layer=m.layer, template_cells=m.template_cells, scales=tuple(m.scales),
-                    keep_heatmaps=x.keep_heatmaps)
+                    keep_heatmaps=x.keep_heatmaps, feedback=x.feedback)
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (
-    Method("fused", _fused, matches_template=True, fuses_diffusion=True, standardises=True),
-    Method("regions", _regions),
-    Method("dtm", _dtm, matches_template=True),
+    Method("fused", _fused, matches_template=True, fuses_diffusion=True, standardises=True, learns_from_review=True),
+    Method("regions", _regions, learns_from_review=True),
+    Method("dtm", _dtm, matches_template=True, learns_from_review=True),
     Method("gem", lambda query, lake, x: rank_gem(query, lake, global_layer="stride32", gem_p=x.gem_p),
            every_frame=True),
     Method("rmac", lambda query, lake, x: rank_rmac(query, lake), every_frame=True),

@@ -13,7 +13,7 @@ or, where kept, the fp16 feature cache; a lake no larger than ``resident_max`` f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,18 +63,22 @@ class LakeSearch:
 
     # ---- first stage -----------------------------------------------------------------------------
 
-    def region_shortlist(self, vector: np.ndarray, k: int, exclude: str | None = None) -> list[FrameHit]:
-        """The ``k`` frames whose best region is nearest ``vector`` in the region index, best first (an IVF-PQ
-        index scores no more frames than that exactly: the shortlist is already a margin over the re-ranked)."""
-        hits = self.index.best_frames(vector, k + 1, candidates=k + 1)
-        return [h for h in hits if h.frame_id in self.row_of and h.frame_id != exclude][:k]
+    def region_shortlist(self, vector: np.ndarray, k: int, exclude: Collection[str] = ()) -> list[FrameHit]:
+        """The ``k`` frames whose best region is nearest ``vector`` in the region index, best first, none in
+        ``exclude`` (an IVF-PQ index scores no more frames than that exactly: the shortlist is already a margin
+        over the re-ranked)."""
+        exclude = set(exclude)
+        hits = self.index.best_frames(vector, k + len(exclude), candidates=k + len(exclude))
+        return [h for h in hits if h.frame_id in self.row_of and h.frame_id not in exclude][:k]
 
-    def cell_shortlist(self, keys: np.ndarray, k: int, exclude: str | None = None) -> list[FrameHit]:
-        """The ``k`` frames the query template's cells ``keys`` vote for in the cell index (objret.index.cell_index)."""
+    def cell_shortlist(self, keys: np.ndarray, k: int, exclude: Collection[str] = ()) -> list[FrameHit]:
+        """The ``k`` frames the query template's cells ``keys`` vote for in the cell index (objret.index.cell_index),
+        none in ``exclude``."""
         if self.cells is None:
             raise ObjretError("the lake has no cell index (the small-object shortlist): run build-index")
-        hits = vote(self.cells, keys, k + 1)   # + the query's own frame
-        return [h for h in hits if h.frame_id in self.row_of and h.frame_id != exclude][:k]
+        exclude = set(exclude)
+        hits = vote(self.cells, keys, k + len(exclude))
+        return [h for h in hits if h.frame_id in self.row_of and h.frame_id not in exclude][:k]
 
     @property
     def cells_layer(self) -> str | None:

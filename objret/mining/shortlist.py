@@ -8,7 +8,8 @@ that other objects of the class stay in reach. Second stage: the chosen method (
 the first ``mining.rerank`` of them, reading their maps; the rest of the shortlist follows in first-stage order,
 below every re-ranked frame. A lake of at most ``mining.rerank`` frames is ranked whole, and so is every frame
 for a method that needs it (``discovery``, ``gem``, ``rmac``: one cheap score a frame). The query's own frame is
-never a candidate.
+never a candidate, nor are frames a review already judged (objret.mining.feedback: their verdicts move the
+query instead).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from objret.graph.diffusion import GraphDiffusion
 from objret.index.cell_index import template_keys
 from objret.index.frame_scoring import FrameHit
 from objret.mining.evidence import Ranking, query_region_vector
+from objret.mining.feedback import Feedback, FeedbackQuery, feedback_query
 from objret.mining.methods import Method, RankInputs, get_method
 from objret.mining.query import QueryObject
 from objret.mining.search import LakeSearch
+from objret.regions.pooling import gem
 
 
 @dataclass
@@ -36,6 +39,7 @@ class QueryRanking:
     vector: np.ndarray        # the query's region vector (the region shortlist's key)
     stage: str = "all"        # how the candidates were chosen: all | regions | cells+regions
     diffusion_solve: object | None = None   # objret.graph.centrality's CG solve, when diffusion was fused
+    feedback: FeedbackQuery | None = None   # what a review taught the query (None: no review, or not learned)
 
 
 def is_small(query: QueryObject, small_box: float) -> bool:
@@ -44,13 +48,15 @@ def is_small(query: QueryObject, small_box: float) -> bool:
 
 
 def first_stage(search: LakeSearch, method: Method, query: QueryObject, vector: np.ndarray,
-                mining: MiningParams) -> tuple[str, list[FrameHit] | None]:
-    """How candidates are chosen and the shortlist, best first (None: every frame is a candidate)."""
-    others = len(search) - (query.frame_id in search.row_of)
+                mining: MiningParams, judged: set[str] = frozenset()) -> tuple[str, list[FrameHit] | None]:
+    """How candidates are chosen and the shortlist, best first, none of the ``judged`` frames (None: every frame
+    is a candidate)."""
+    exclude = {f for f in (query.frame_id, *judged) if f in search.row_of}
+    others = len(search) - len(exclude)
     if method.every_frame or others <= mining.rerank:
         return "all", None
     k = mining.shortlist
-    by_region = search.region_shortlist(vector, k, exclude=query.frame_id)
+    by_region = search.region_shortlist(vector, k, exclude=exclude)
     if not (method.matches_template and is_small(query, mining.small_box) and search.cells is not None):
         return "regions", by_region
     layer = search.cells_layer
@@ -58,7 +64,7 @@ def first_stage(search: LakeSearch, method: Method, query: QueryObject, vector: 
     if query.mirror is not None:
         m = query.mirror
         keys.append(template_keys(m.maps[layer], m.box, m.image_size, mining.template_cells))
-    by_cell = search.cell_shortlist(np.concatenate(keys), k, exclude=query.frame_id)
+    by_cell = search.cell_shortlist(np.concatenate(keys), k, exclude=exclude)
     return "cells+regions", interleave(by_cell, by_region, k)
 
 
@@ -74,16 +80,25 @@ def interleave(first: list[FrameHit], second: list[FrameHit], k: int) -> list[Fr
 
 
 def rank_query(search: LakeSearch, query: QueryObject, method_name: str, mining: MiningParams, *, gem_p: float,
-               keep_heatmaps: int = 0, diffusion: GraphDiffusion | None = None) -> QueryRanking:
+               keep_heatmaps: int = 0, diffusion: GraphDiffusion | None = None,
+               feedback: Feedback | None = None) -> QueryRanking:
     """Candidates for ``query`` ranked by the method ``method_name``; ``diffusion`` (fused only) adds the query's
-    diffusion over the region graph as evidence."""
+    diffusion over the region graph as evidence; ``feedback`` (a review of the report's last mine) keeps the
+    judged frames out and, for a method that learns from it, moves the query (objret.mining.feedback)."""
     method = get_method(method_name)
     vector = query_region_vector(query, search.encoding)
-    stage, hits = first_stage(search, method, query, vector, mining)
+    judged = feedback.judged if feedback else set()
+    learned = None
+    if feedback and method.learns_from_review and mining.feedback.enabled:
+        learned = learn_from_review(search, query, vector, feedback, method, mining, gem_p)
+        vector = learned.region_vector
+    stage, hits = first_stage(search, method, query, vector, mining, judged)
     if hits is None:
-        # Every frame: the whole lake as it is (the caller drops the query's own frame from the ranking).
+        # Every frame: the whole lake as it is but the judged frames (the caller drops the query's own frame).
         rows, tail = np.arange(len(search)), []
-        candidates = len(search) - (query.frame_id in search.row_of)
+        if judged:
+            rows = np.setdiff1d(rows, [search.row_of[f] for f in judged if f in search.row_of])
+        candidates = len(rows) - (query.frame_id in search.row_of and query.frame_id not in judged)
     else:
         rows = np.array([search.row_of[h.frame_id] for h in hits[:mining.rerank]], np.int64)
         tail, candidates = hits[mining.rerank:], len(rows)
@@ -91,27 +106,39 @@ def rank_query(search: LakeSearch, query: QueryObject, method_name: str, mining:
         raise ObjretError("the index holds no frame to mine besides the query: ingest a lake first")
     kept = len(rows)
     if hits is not None and method.standardises and mining.reference:
-        rows = np.concatenate([rows, reference_rows(search, rows, mining.reference, query.frame_id)])
+        rows = np.concatenate([rows, reference_rows(search, rows, mining.reference, {query.frame_id, *judged})])
     lake = search.lake_maps(rows)
     scores = solve = None
     if diffusion is not None:
         if not method.fuses_diffusion:
             raise ObjretError(f"diffusion evidence is fused by the fused method only, not {method.name!r}")
         scores, solve = diffusion.scores(vector, search.graph_rows(diffusion)[rows])
-    ranking = method.rank(query, lake, RankInputs(mining, gem_p, keep_heatmaps, scores))
+    ranking = method.rank(query, lake, RankInputs(mining, gem_p, keep_heatmaps, scores, learned))
     if len(rows) > kept:   # the reference frames were scored for the statistics only
         ranking = ranking_head(ranking, kept)
     if tail:
         ranking = with_tail(ranking, tail)
-    return QueryRanking(ranking, candidates, vector, stage, solve)
+    return QueryRanking(ranking, candidates, vector, stage, solve, learned)
 
 
-def reference_rows(search: LakeSearch, candidates: np.ndarray, n: int, exclude: str | None) -> np.ndarray:
+def learn_from_review(search: LakeSearch, query: QueryObject, vector: np.ndarray, feedback: Feedback, method: Method,
+                      mining: MiningParams, gem_p: float) -> FeedbackQuery:
+    """The query moved by the review's verdicts, read off the judged frames (objret.mining.feedback)."""
+    rows = np.array([search.row_of[f] for f in [*feedback.accepted, *sorted(feedback.rejected)] if f in search.row_of],
+                    np.int64)
+    judged = search.lake_maps(rows)
+    f = mining.feedback
+    return feedback_query(vector, gem(query.maps["stride32"], gem_p), judged, feedback,
+                          layer_maps=method.matches_template, template_cells=mining.template_cells,
+                          positive=f.positive, negative=f.negative, max_templates=f.templates)
+
+
+def reference_rows(search: LakeSearch, candidates: np.ndarray, n: int, exclude: set[str]) -> np.ndarray:
     """``n`` rows spread evenly over the lake (the same for every query), none a candidate nor ``exclude``: what
     the evidence of the shortlist's frames is standardised against besides themselves, as exhaustive ranking
     standardises over the whole lake (over the candidates alone, the shortlist's best frames all look alike and
     the adaptive gate loses its measure: bench all-instance Loc@10 0.70 exhaustive, 0.55 at rerank 150)."""
-    taken = set(candidates.tolist()) | ({search.row_of[exclude]} if exclude in search.row_of else set())
+    taken = set(candidates.tolist()) | {search.row_of[f] for f in exclude if f in search.row_of}
     spread = np.linspace(0, len(search) - 1, num=min(len(search), n + len(taken))).astype(np.int64)
     return np.array([r for r in dict.fromkeys(spread.tolist()) if r not in taken][:n], np.int64)
 

@@ -132,6 +132,16 @@ def match_template(templates, query_cells_hw: tuple[float, float], stack: MapSta
     return MatchResult(scores, boxes, heat)
 
 
+def best_of(results: list[MatchResult]) -> MatchResult:
+    """Per frame, the result of the template that matched it best (score, box and heat map)."""
+    best = results[0]
+    for other in results[1:]:
+        wins = other.scores > best.scores
+        best = MatchResult(np.where(wins, other.scores, best.scores), np.where(wins[:, None], other.boxes, best.boxes),
+                           np.where(wins[:, None, None], other.heatmaps, best.heatmaps))
+    return best
+
+
 def _layout_mean(sims: torch.Tensor, th: int, tw: int, fh: float, fw: float) -> torch.Tensor:
     """Mean over template cells (``sims`` is n x cells x H x W) of their similarity read at their offset in an
     fh x fw footprint: n x H x W.

@@ -14,6 +14,7 @@ from PIL import Image
 from objret import storage
 from objret.config import MiningParams
 from objret.dataset.contact_sheet import contact_sheet, save_png
+from objret.dataset.decisions import review_feedback
 from objret.errors import ObjretError
 from objret.features.cache import extract_maps
 from objret.graph.store import current_version, open_diffusion
@@ -22,6 +23,7 @@ from objret.ingest.lake import Frame
 from objret.ingest.decode import load_image
 from objret.ingest.roots import resolve_report_frame, workspace_roots
 from objret.mining.dedup import collapse_near_duplicates
+from objret.mining.feedback import Feedback
 from objret.mining.methods import get_method
 from objret.mining.query import QueryObject, mirrored_view
 from objret.mining.report import FailureReport, check_box_in_frame
@@ -165,9 +167,11 @@ def query_object(ws: Workspace, report: FailureReport) -> tuple[QueryObject, dic
 
 
 def rank_report_query(ws: Workspace, search: LakeSearch, query: QueryObject, method: str, keep_heatmaps: int = 0,
-                      report: FailureReport | None = None) -> tuple[QueryRanking, dict]:
+                      report: FailureReport | None = None,
+                      feedback: Feedback | None = None) -> tuple[QueryRanking, dict]:
     """The one ranking path of ``objret mine`` and ``objret eval``: ``query`` through objret.mining.shortlist
-    with the work folder's parameters, and diffusion evidence when wanted (the report may ask for it)."""
+    with the work folder's parameters, diffusion evidence when wanted (the report may ask for it) and what a
+    review of the report's last mine taught (``feedback``, objret.mining.feedback)."""
     m = ws.params.mining
     enabled, source = diffusion_wanted(m, report)
     info = {"enabled": enabled, "source": source, "applied": enabled and method == "fused"}
@@ -181,7 +185,7 @@ def rank_report_query(ws: Workspace, search: LakeSearch, query: QueryObject, met
     elif enabled:
         info["why_not"] = f"method {method!r} fuses no evidence (diffusion is fused by method 'fused')"
     result = rank_query(search, query, method, m, gem_p=ws.params.index.gem_p, keep_heatmaps=keep_heatmaps,
-                        diffusion=diffusion)
+                        diffusion=diffusion, feedback=feedback)
     if diffusion is not None:
         solve = result.diffusion_solve
         info.update(k=diffusion.k, alpha=diffusion.alpha, max_iter=diffusion.max_iter, beta=diffusion.beta,
@@ -192,11 +196,12 @@ def rank_report_query(ws: Workspace, search: LakeSearch, query: QueryObject, met
 
 
 def query_ranker(ws: Workspace, search: LakeSearch, frame_of: dict):
-    """``rank_with(method, q)`` for objret.eval.run: a labelled query (its frame's ``key`` into ``frame_of`` and its
-    ``bbox``) through the path of ``objret mine``: frame_query, then rank_report_query."""
-    def rank_with(method: str, q):
+    """``rank_with(method, q, feedback=None)`` for objret.eval: a labelled query (its frame's ``key`` into
+    ``frame_of`` and its ``bbox``) through the path of ``objret mine``: frame_query, then rank_report_query (with
+    a review's verdicts, as a re-mine after a review)."""
+    def rank_with(method: str, q, feedback: Feedback | None = None):
         query = frame_query(ws, search.frames[frame_of[q.key]], q.bbox, method)
-        return rank_report_query(ws, search, query, method)[0].ranking
+        return rank_report_query(ws, search, query, method, feedback=feedback)[0].ranking
 
     return rank_with
 
@@ -217,8 +222,11 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
     timings["query_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
+    # What reviews of this report decided: judged frames are not shown again, and the query learns from them.
+    feedback = (review_feedback(str(ws.dataset_registry.dataset_dir), report.report_id, ws.s3_endpoint_url)
+                if m.feedback.enabled else None)
     result, diffusion_info = rank_report_query(ws, search, query, m.method, keep_heatmaps=m.top_k * 4,
-                                               report=report)
+                                               report=report, feedback=feedback)
     ranking = result.ranking
     timings["rank_s"] = time.perf_counter() - t2
 
@@ -244,7 +252,8 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
         if heat is not None:
             item["heatmap"] = _save_heatmap(heat, item, run_dir)
     provenance = {"backbone": ws.backbone.spec.cache_key(), "index_version": index_version(sorted(search.index.frame_ids)),
-                  "method": m.method, "diffusion": {k: v for k, v in diffusion_info.items() if k != "cg"}}
+                  "method": m.method, "diffusion": {k: v for k, v in diffusion_info.items() if k != "cg"},
+                  "feedback": feedback_info(feedback, result.feedback)}
     mined_json = run_dir / "mined.json"
     storage.write_bytes(str(mined_json), json.dumps({"report": report.to_dict(), "query": query_info,
                                                      "method": m.method, "provenance": provenance,
@@ -256,6 +265,16 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
     timings["total_s"] = time.perf_counter() - t0
     return MiningOutcome(report.report_id, query_info, kept, provenance, str(run_dir), str(sheet), str(mined_json),
                          timings, result.candidates)
+
+
+def feedback_info(feedback: Feedback | None, learned) -> dict:
+    """What a mining run learned from reviews of its report: frames judged and kept out, what moved the query."""
+    if not feedback:
+        return {"judged": 0}
+    info = {"judged": len(feedback.judged), "accepted": len(feedback.accepted), "rejected": len(feedback.rejected)}
+    if learned is not None:
+        info.update(accepted_used=learned.accepted, rejected_used=learned.rejected, templates=len(learned.templates))
+    return info
 
 
 def diffusion_wanted(mining: MiningParams, report: FailureReport | None = None) -> tuple[bool, str]:

@@ -173,6 +173,14 @@ def test_apply_removes_rejected_frames_as_a_new_version_and_a_re_mine_skips_them
     files = {p.name for p in (dataset / "images").iterdir()}
     assert files == {f"{i['frame_id']}.jpg" for i in items if i["frame_id"] not in rejected[1:]}
     assert json.loads((dataset / "rejections.json").read_text()) == {"rv-1": sorted(rejected)}
+    assert json.loads((dataset / "acceptances.json").read_text()) == {"rv-1": accepted}
+    # What the report's next mine learns from (objret.mining.feedback): the accepted frame with its box in the
+    # dataset, the rejected frames; another report has no verdicts.
+    from objret.dataset.decisions import review_feedback
+    feedback = review_feedback(str(dataset), "rv-1")
+    assert feedback.rejected == set(rejected) and list(feedback.accepted) == accepted
+    assert feedback.accepted[accepted[0]] == pytest.approx(items[1]["box"], abs=0.01)
+    assert not review_feedback(str(dataset), "rv-2")
     assert json.loads((published / "annotations.json").read_text()) == coco   # published like a push
     versions = ws.dataset_registry.versions()
     assert len(versions) == 3 and versions[-1]["review"] == {"accepted": 1, "rejected": 3, "removed": 3}
@@ -190,6 +198,9 @@ def test_apply_removes_rejected_frames_as_a_new_version_and_a_re_mine_skips_them
     assert main(["review", "apply", str(decisions), "--workdir", str(ws.root), "--set", overrides[0]]) == 0
     back = push_mined(ws, report, outcome)
     assert back.added == 1 and back.rejected == 2 and back.dvc_version == 5
+    feedback = review_feedback(str(dataset), "rv-1")
+    assert set(feedback.accepted) == {accepted[0], rejected[1]} and feedback.rejected == {rejected[0], rejected[2]}
+    assert feedback.accepted[rejected[1]] == pytest.approx(items[2]["box"], abs=0.01)
 
 
 def test_apply_needs_a_dataset(tmp_path, capsys):

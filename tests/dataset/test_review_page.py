@@ -162,13 +162,20 @@ def test_the_review_page_of_a_real_run_in_chromium(mined_run, tmp_path):
     coco = json.loads((workdir / "datasets" / "retraining" / "annotations.json").read_text())
     frames = {i["frame_id"] for i in coco["images"]}
     assert frames == {m["frame_id"] for m in mined[3:]} | {mined[0]["frame_id"]}
-    # ... and a re-mine of the report does not push them again.
+    # ... and a re-mine of the report learns from the review (objret.mining.feedback): the judged frames are not
+    # ranked again (the rejected ones never come back), the accepted one stays, and the run says what it learned.
     from flows.mine import mine_flow
 
     again = mine_flow(report_path=str(report_path), overrides=SMALL, workdir=str(workdir))
-    assert again["dataset"]["rejected"] == 2 and again["dataset"]["added"] == 0
+    remined = json.loads(Path(again["mined_json"]).read_text())
+    judged = {m["frame_id"] for m in mined[:3]}
+    assert not judged & {m["frame_id"] for m in remined["mined"]}
+    assert remined["provenance"]["feedback"] == {"judged": 3, "accepted": 1, "rejected": 2, "accepted_used": 1,
+                                                 "rejected_used": 2, "templates": 1}
     coco_again = json.loads((workdir / "datasets" / "retraining" / "annotations.json").read_text())
-    assert {i["frame_id"] for i in coco_again["images"]} == frames
+    kept = {i["frame_id"] for i in coco_again["images"]}
+    assert frames <= kept and not {mined[1]["frame_id"], mined[2]["frame_id"]} & kept
+    assert again["dataset"]["added"] == len(kept - frames) and again["dataset"]["rejected"] == 0
 
 
 def test_a_page_of_500_frames_loads_fast(mined_run, tmp_path):

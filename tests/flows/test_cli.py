@@ -69,7 +69,7 @@ def test_eval_ranks_every_gallery_image_with_a_box_and_scores_both_methods(bench
     out = tmp_path / "out" / "results.json"
     code = main(["eval", "--bench", str(bench_root), "--results", str(out), "--methods", "dtm,gem",
                  "--workdir", str(tmp_path / "work"), *SMALL,
-                 "--held-out", "--set", "eval.tune={mining.mirror: [true, false]}"])
+                 "--held-out", "--set", "eval.tune={mining.mirror: [true, false]}", "--review-round", "3"])
     assert code == 0
     bench = load_bench(bench_root)
     for path in (out, out.with_name("results.gem.json")):
@@ -95,6 +95,14 @@ def test_eval_ranks_every_gallery_image_with_a_box_and_scores_both_methods(bench
         if held["chosen"][q.set] == 0:   # the candidate that is params as given: the run above, not ranked again
             assert held["results"][q.id] == default[q.id]
     assert {g["name"] for g in held["held_out"]} >= {"class/all", "instance/all"}
+    # --review-round 3: each query mined again after its first 3 frames were judged; those are not ranked again.
+    review = json.loads(out.with_name("results.review.json").read_text())
+    assert review["method"] == "dtm" and review["judged"] == 3 and "one review round" in table
+    assert review["results"] and {g["name"] for g in review["before"]} == {g["name"] for g in review["after"]}
+    for qid, again in review["results"].items():
+        judged = {(e["set"], e["image_id"]) for e in default[qid][:3]}
+        accepted, rejected = review["verdicts"][qid]
+        assert accepted + rejected == 3 and not judged & {(e["set"], e["image_id"]) for e in again}
     # The TUD pedestrians are found far above chance by template matching: the expected mAP of random rankings of
     # these galleries is 0.63 (persons 2 and 7, each gallery with frames without them); measured 0.87 (gem 0.59).
     video = [g for g in metrics["groups"] if g["name"] == "instance/video-sets"][0]

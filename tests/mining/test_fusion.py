@@ -21,6 +21,7 @@ from objret.features.cache import extract_maps
 from objret.index.region_index import RegionIndex
 from objret.ingest.decode import load_image
 from objret.mining.evidence import best_region_per_frame, query_region_vector
+from objret.mining.feedback import Feedback, rocchio
 from objret.mining.fusion import fuse_evidence, rank_fused
 from objret.mining.lakemaps import LakeMaps
 from objret.mining.methods import QueryObject, RankInputs, get_method, rank
@@ -231,7 +232,7 @@ def test_a_large_box_ranks_the_region_index_shortlist_only(scene):
     # standardised over them and the candidates together; they are scored, then dropped from the ranking.
     with_reference = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0", "mining.fusion=sum",
                              "mining.reference=3")
-    reference = reference_rows(scene.search, at, 3, "A")
+    reference = reference_rows(scene.search, at, 3, {"A"})
     assert len(reference) == 3 and not set(reference) & set(at) and scene.ids.index("A") not in reference
     referenced = rank_query(scene.search, scene.query, "fused", with_reference, gem_p=scene.gem_p)
     assert referenced.ranking.frame_ids[:k] == head and referenced.candidates == k
@@ -264,13 +265,13 @@ def test_a_small_box_is_shortlisted_by_the_cell_index(scene):
     _, by_region = _first_stage(scene, "fused", _mining(scene, "mining.rerank=1", "mining.small_box=0.0"))
     keys = template_keys(scene.query.maps["stride16"], scene.query.box, scene.query.image_size, 3)
     assert keys.shape == (9, 112)   # the clock's 3 x 3 template cells vote (lite0 stride 16: 112 channels)
-    by_cell = scene.search.cell_shortlist(keys, 20, exclude="A")
+    by_cell = scene.search.cell_shortlist(keys, 20, exclude={"A"})
     assert by_cell[0].frame_id == "B" and "A" not in [h.frame_id for h in by_cell]
     assert by_cell[0].score > [h.score for h in by_cell if h.frame_id == "B_clean"][0] + 0.05
     assert iou_xywh(by_cell[0].box, scene.paste_box) > 0   # its best cell lies on the clock
     stage, shortlist = _first_stage(scene, "fused", mining)
     assert stage == "cells+regions" and shortlist[0] == "B" and "A" not in shortlist
-    regions_hits = scene.search.region_shortlist(query_region_vector(scene.query, scene.lake.regions), 20, exclude="A")
+    regions_hits = scene.search.region_shortlist(query_region_vector(scene.query, scene.lake.regions), 20, exclude={"A"})
     assert shortlist == [h.frame_id for h in interleave(by_cell, regions_hits, 20)]
     assert sorted(shortlist) == sorted(f for f in scene.ids if f != "A")   # each frame once
     result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=1)
@@ -529,3 +530,54 @@ def test_diffusion_over_a_real_region_graph_ranks_with_the_fused_method(scene):
     np.testing.assert_allclose(expected, frame_scores[[ids.index(f) for f in candidates]], atol=1e-5)
     with pytest.raises(ObjretError, match="fused method only"):
         rank_query(scene.search, scene.query, "regions", mining, gem_p=scene.gem_p, diffusion=by_index)
+
+
+def test_rocchio_moves_the_query_towards_accepted_and_away_from_rejected_vectors():
+    q, pos, neg = np.array([1.0, 0, 0]), np.array([[0, 1.0, 0], [0, 1.0, 0]]), np.array([[0, 0, 1.0]])
+    moved = rocchio(q, pos, neg, 0.75, 0.15)
+    expected = np.array([1.0, 0.75, -0.15])
+    np.testing.assert_allclose(moved, expected / np.linalg.norm(expected), atol=1e-6)
+    np.testing.assert_allclose(rocchio(2 * q, pos[:0], neg[:0], 0.75, 0.15), q)   # no verdicts: the query
+
+
+def test_a_review_teaches_the_query_and_keeps_judged_frames_out(scene):
+    """Relevance feedback (objret.mining.feedback) through candidate selection: the query is a box on a KITTI
+    frame that has nothing to do with the clock; a review accepted the pasted clock in B and rejected B's clean
+    copy. B's box becomes a template that finds the clock's original in A (first, boxed), judged frames are never
+    ranked again, and Rocchio moves the region vector as its formula says."""
+    kitti = scene.maps["kitti_40"]
+    frame = next(f for f in scene.frames if f.frame_id == "kitti_40")
+    query = QueryObject(kitti, (frame.width, frame.height), (600.0, 150.0, 120.0, 90.0), frame_id="kitti_40")
+    mining = _mining(scene, "mining.rerank=50")
+    plain = rank_query(scene.search, query, "dtm", mining, gem_p=scene.gem_p)
+    assert _order_without(plain.ranking, ("kitti_40",))[0] != "A" and plain.feedback is None
+    review = Feedback({"B": tuple(float(v) for v in scene.paste_box)}, frozenset({"B_clean"}))
+    taught = rank_query(scene.search, query, "dtm", mining, gem_p=scene.gem_p, feedback=review)
+    order = _order_without(taught.ranking, ("kitti_40",))
+    assert order[0] == "A" and not {"B", "B_clean"} & set(taught.ranking.frame_ids)
+    assert taught.candidates == len(scene.ids) - 3
+    a = taught.ranking.frame_ids.index("A")
+    assert iou_xywh(taught.ranking.boxes[a], scene.box) >= 0.5, (taught.ranking.boxes[a], scene.box)
+    learned = taught.feedback
+    assert (learned.accepted, learned.rejected, len(learned.templates)) == (1, 1, 1)
+    # The region vector: + 0.75 x B's region that best covers the accepted box, - 0.15 x B_clean's region nearest
+    # the query.
+    regions, b, clean = scene.lake.regions, scene.ids.index("B"), scene.ids.index("B_clean")
+    vector = query_region_vector(query, regions)
+    of_b = np.flatnonzero(regions.owner == b)
+    covering = of_b[np.argmax([iou_xywh(regions.boxes[r], scene.paste_box) for r in of_b])]
+    of_clean = np.flatnonzero(regions.owner == clean)
+    nearest = of_clean[np.argmax(regions.vectors[of_clean] @ vector)]
+    np.testing.assert_allclose(learned.region_vector, rocchio(vector, regions.vectors[[covering]],
+                                                              regions.vectors[[nearest]], 0.75, 0.15), atol=1e-5)
+    np.testing.assert_allclose(taught.vector, learned.region_vector)
+    # The fused method learns the same way; gem only keeps the judged frames out; feedback off changes nothing.
+    fused = rank_query(scene.search, query, "fused", mining, gem_p=scene.gem_p, feedback=review)
+    assert fused.feedback is not None and not {"B", "B_clean"} & set(fused.ranking.frame_ids)
+    gem_ranked = rank_query(scene.search, query, "gem", mining, gem_p=scene.gem_p, feedback=review)
+    assert gem_ranked.feedback is None and not {"B", "B_clean"} & set(gem_ranked.ranking.frame_ids)
+    off = rank_query(scene.search, query, "dtm", _mining(scene, "mining.rerank=50", "mining.feedback.enabled=false"),
+                     gem_p=scene.gem_p, feedback=review)
+    assert off.feedback is None and "B" not in off.ranking.frame_ids
+    np.testing.assert_allclose(off.ranking.scores, plain.ranking.scores[[plain.ranking.frame_ids.index(f)
+                                                                         for f in off.ranking.frame_ids]])

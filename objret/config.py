@@ -235,6 +235,13 @@ class ScaleOutParams(Section):
     threads_per_worker: int = Field(ge=1)
     chunk_frames: int = Field(ge=1)
     index_shards: bool
+    serve_shards: bool
+
+    @model_validator(mode="after")
+    def _served_shards_are_built_as_shards(self) -> "ScaleOutParams":
+        if self.serve_shards and not self.index_shards:
+            raise ValueError("serve_shards needs index_shards: true (only index shards are served by workers)")
+        return self
 
 
 class WatchParams(Section):

@@ -20,6 +20,7 @@ from objret.steps import regions as regions_step
 from objret.steps import store as store_step
 from objret.steps import whitening as whitening_step
 from objret.steps.workspace import Workspace
+from tasks import shard_serving
 from tasks.tracking import log_artifacts, log_metrics, set_tags
 
 # Inputs hold models and open stores, so Prefect's input-hash caching is off; objret caches by content itself.
@@ -135,7 +136,7 @@ def discovery(ws: Workspace) -> dict:
 
 @task(name="mine", cache_policy=NO_CACHE)
 def mine(ws: Workspace, report: FailureReport) -> mine_step.MiningOutcome:
-    outcome = mine_step.mine(ws, report)
+    outcome = mine_step.mine(ws, report, served_by=shard_serving.served_by(ws))
     diffusion = outcome.provenance.get("diffusion") or {}
     log_metrics({"candidates": outcome.candidates, "mined": len(outcome.mined),
                  "near_duplicates_collapsed": sum(len(m["duplicates"]) for m in outcome.mined),

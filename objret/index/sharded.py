@@ -7,11 +7,15 @@ list is exactly the one index over every frame would return, so the shortlists a
 (``best_frames``, the cell votes) are unchanged; with IVF-PQ shards each shard is as approximate as one index.
 Region ids are global: shard s's region r is ``offset[s] + r``, frames likewise, so LakeSearch and the cell
 vote read owners, boxes and vectors as from one index. Read-only: new frames go into a shard of their own.
+
+Who searches a shard is a ``ShardSearch``: this process by default; tasks/shard_serving.py has each shard
+searched by the Dask worker holding it in memory, this process then reading only the few rows a shortlist
+needs (owners, boxes, vectors) from its memory-mapped copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -20,10 +24,15 @@ from objret.errors import ObjretError
 from objret.index.region_index import RegionIndex
 
 
-class ShardedIndex(RegionIndex):
-    """The union of ``shards`` (RegionIndexes over disjoint frames, same dimension and recipe), in shard order."""
+ShardSearch = Callable[[np.ndarray, int, bool], list]
+"""(queries, k, refine) -> one (ids, sims) per shard, in shard order, ids the shard's own (None: an empty shard)."""
 
-    def __init__(self, shards: Sequence[RegionIndex]):   # noqa: super().__init__ would build an empty faiss index
+
+class ShardedIndex(RegionIndex):
+    """The union of ``shards`` (RegionIndexes over disjoint frames, same dimension and recipe), in shard order;
+    ``search_shards`` answers the k nearest of each shard (default: each shard searched in this process)."""
+
+    def __init__(self, shards: Sequence[RegionIndex], search_shards: ShardSearch | None = None):   # noqa: no super()
         if not shards:
             raise ObjretError("a sharded index needs at least one shard")
         dims, recipes = {s.dim for s in shards}, [s.recipe for s in shards]
@@ -44,6 +53,10 @@ class ShardedIndex(RegionIndex):
         self._meta = None
         self._refine_codes = None
         self.use_gpu, self._gpu_index = False, None   # each shard keeps its own (GPU) index
+        self.search_shards = search_shards or self.search_here
+
+    def search_here(self, queries: np.ndarray, k: int, refine: bool) -> list:
+        return [shard.search(queries, k, refine=refine) if len(shard) else None for shard in self.shards]
 
     def __len__(self) -> int:
         return int(self.region_offset[-1])
@@ -65,10 +78,10 @@ class ShardedIndex(RegionIndex):
         else:
             all_sims = np.full((len(self.shards), len(qs), k), -np.inf, np.float32)
             all_ids = np.full((len(self.shards), len(qs), k), -1, np.int64)
-            for s, (shard, offset) in enumerate(zip(self.shards, self.region_offset)):
-                if not len(shard):
+            for s, (found, offset) in enumerate(zip(self.search_shards(qs, k, refine), self.region_offset)):
+                if found is None:
                     continue
-                ids, sims = shard.search(qs, k, refine=refine)
+                ids, sims = found
                 kk = ids.shape[1]
                 all_sims[s, :, :kk] = np.where(ids >= 0, sims, -np.inf)
                 all_ids[s, :, :kk] = np.where(ids >= 0, ids + offset, -1)
@@ -89,6 +102,7 @@ class ShardedIndex(RegionIndex):
 
 
 def load_shards(directories: Sequence, *, recipe: dict | None = None, use_gpu: bool | None = None,
-                mapped: bool = False) -> ShardedIndex:
+                mapped: bool = False, search_shards: ShardSearch | None = None) -> ShardedIndex:
     """The indexes saved in ``directories`` (each checked against ``recipe``; ``mapped``: memory-mapped), as one."""
-    return ShardedIndex([RegionIndex.load(d, recipe=recipe, use_gpu=use_gpu, mapped=mapped) for d in directories])
+    return ShardedIndex([RegionIndex.load(d, recipe=recipe, use_gpu=use_gpu, mapped=mapped) for d in directories],
+                        search_shards)

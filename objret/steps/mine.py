@@ -32,7 +32,7 @@ from objret.regions.encoding import RegionVectors
 from objret.regions.sources import rmac
 from objret.mining.shortlist import QueryRanking, rank_query
 from objret.steps.discovery import lake_discovery
-from objret.steps.shards import open_shards, saved_shards, shards_dir
+from objret.steps.shards import ServedBy, open_shards, saved_shards, shards_dir
 from objret.steps.workspace import Workspace
 
 
@@ -71,7 +71,7 @@ def search_key(ws: Workspace) -> str:
                        ws.params.index.gem_p, discovery])
 
 
-def open_search(ws: Workspace) -> LakeSearch:
+def open_search(ws: Workspace, served_by: ServedBy | None = None) -> LakeSearch:
     """The work folder's LakeSearch: loaded on a process's first report, kept while the index (and the
     parameters the maps were loaded with) are unchanged. The region index must have been built with the
     descriptor recipe the current parameters give (backbone, layer, pooling, whitening)."""
@@ -80,21 +80,22 @@ def open_search(ws: Workspace) -> LakeSearch:
     if cached is not None and cached.key == key:
         return cached
     _current.clear()   # drop the old maps before loading new ones (memory)
-    search = load_search(ws, [ws.params.mining.method])
+    search = load_search(ws, [ws.params.mining.method], served_by)
     search.key = key
     _current["search"] = search
     return search
 
 
-def load_search(ws: Workspace, methods: list[str]) -> LakeSearch:
+def load_search(ws: Workspace, methods: list[str], served_by: ServedBy | None = None) -> LakeSearch:
     """The work folder's region and cell indexes, a reader of the maps template matching reads (the mining
     store, or the fp16 feature cache with ``mining.maps: cache``) and the per-frame vectors every method in
     ``methods`` reads (R-MAC for ``rmac``, OS.EGM descriptors for ``discovery``). Each index must carry the
-    recipe the current parameters give (backbone, layer, pooling, whitening)."""
+    recipe the current parameters give (backbone, layer, pooling, whitening). Index shards are searched where
+    ``served_by`` sends them (tasks/shard_serving.py), else here."""
     m, rp = ws.params.mining, ws.params.regions
     mapped = m.mapped_indexes   # memory-mapped: in the page cache, not in this process's memory
     if ws.params.scale_out.index_shards:
-        index, cells = open_shards(ws, mapped=mapped)
+        index, cells = open_shards(ws, mapped=mapped, served_by=served_by)
     else:
         index = RegionIndex.load(ws.current_index_dir(), recipe=ws.index_recipe(), mapped=mapped)
         cells = (RegionIndex.load(ws.cells_dir(), recipe=ws.cells_recipe(), mapped=mapped)
@@ -206,7 +207,8 @@ def query_ranker(ws: Workspace, search: LakeSearch, frame_of: dict):
     return rank_with
 
 
-def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningOutcome:
+def mine(ws: Workspace, report: FailureReport, progress: bool = True,
+         served_by: ServedBy | None = None) -> MiningOutcome:
     """Report -> query -> candidates from the index -> ranking -> de-duplicated top-K.
 
     The index and the lake's maps come from ``open_search``: loaded on a process's first report and kept
@@ -215,7 +217,7 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True) -> MiningO
     m = ws.params.mining
     timings = {}
     t0 = time.perf_counter()
-    search = open_search(ws)
+    search = open_search(ws, served_by)
     timings["open_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     query, query_info = query_object(ws, report)

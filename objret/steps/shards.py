@@ -11,11 +11,12 @@ A shard already saved is skipped, so a killed build resumes shard by shard.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from objret.errors import ObjretError
-from objret.index.sharded import ShardedIndex, load_shards
+from objret.index.sharded import ShardedIndex, ShardSearch, load_shards
 from objret.steps import store as store_step
 from objret.steps.index import build_index
 from objret.steps.workspace import Workspace
@@ -79,10 +80,21 @@ def saved_shards(ws: Workspace) -> list[Path]:
                   if (p / "regions" / "CURRENT").exists() and (p / "cells" / "CURRENT").exists())
 
 
-def open_shards(ws: Workspace, mapped: bool = False) -> tuple[ShardedIndex, ShardedIndex]:
-    """The region index and the cell index of every saved shard, each answered as one."""
+ServedBy = Callable[[list[Path], dict], ShardSearch]
+"""(shard index folders, recipe) -> who searches them (tasks/shard_serving.py: the Dask workers holding them)."""
+
+
+def open_shards(ws: Workspace, mapped: bool = False,
+                served_by: ServedBy | None = None) -> tuple[ShardedIndex, ShardedIndex]:
+    """The region index and the cell index of every saved shard, each answered as one. With ``served_by`` the
+    searches go where it sends them, and this process keeps only memory-mapped copies for the rows it reads."""
     shards = saved_shards(ws)
     if not shards:
         raise ObjretError(f"no index shards in {shards_dir(ws)}: build them first")
-    return (load_shards([p / "regions" for p in shards], recipe=ws.index_recipe(), mapped=mapped),
-            load_shards([p / "cells" for p in shards], recipe=ws.cells_recipe(), mapped=mapped))
+
+    def open_kind(kind: str, recipe: dict) -> ShardedIndex:
+        folders = [p / kind for p in shards]
+        return load_shards(folders, recipe=recipe, mapped=mapped or served_by is not None,
+                           search_shards=served_by(folders, recipe) if served_by else None)
+
+    return open_kind("regions", ws.index_recipe()), open_kind("cells", ws.cells_recipe())

@@ -109,7 +109,7 @@ def test_the_chunks_ran_on_both_workers(single_and_dask):
 
 @pytest.mark.parametrize("small_box", [0.0, 1.0], ids=["region-shortlist", "cell-shortlist"])
 def test_index_shards_built_on_the_cluster_mine_as_the_single_index(single_and_dask, cluster_address, lake_folder,
-                                                                   small_box):
+                                                                   small_box, request):
     """The mining store, the cell index and the region index built as shards of 2 frames by the two workers,
     then mined through the sharded indexes: the same store codes, ranked frames and boxes as the single-process
     store and indexes, with the shortlist doing real work (4 of 11 frames re-ranked)."""
@@ -117,7 +117,8 @@ def test_index_shards_built_on_the_cluster_mine_as_the_single_index(single_and_d
     from objret.steps import store as store_step
     from objret.steps.mine import frame_query, load_search
     from objret.steps.shards import saved_shards
-    from tasks import scale_out
+    from objret.steps.workspace import Workspace
+    from tasks import scale_out, shard_serving
 
     single, spread, _ = single_and_dask
     mining = ["index.map_store.shard_frames=2", "mining.rerank=4", "mining.shortlist=8", "mining.reference=3",
@@ -145,17 +146,31 @@ def test_index_shards_built_on_the_cluster_mine_as_the_single_index(single_and_d
     for f in ids:
         assert np.array_equal(sharded.map_store.codes(f)[0], one.map_store.codes(f)[0])
 
+    # Searched here, and served: each shard held and searched by one of the two workers (scale_out.serve_shards).
+    served = sharded.params.replace("scale_out.serve_shards=true")
     a, b = load_search(one, ["fused"]), load_search(sharded, ["fused"])
-    assert type(b.index).__name__ == "ShardedIndex" and b.frame_ids == a.frame_ids
+    c = load_search(sharded, ["fused"], served_by=shard_serving.served_by(Workspace(served, spread.root)))
+    request.addfinalizer(shard_serving.close_clients)   # before the module's cluster closes
+    assert type(b.index).__name__ == type(c.index).__name__ == "ShardedIndex" and b.frame_ids == a.frame_ids
+    assert c.index.shards[0].mapped and c.cells.shards[0].mapped   # here only the rows a shortlist reads
     frames = one.lake.frames()
     for frame, box in ((frames[3], [60.0, 70.0, 30.0, 60.0]), (frames[8], [150.0, 90.0, 24.0, 40.0])):
         query = frame_query(one, frame, box, "fused")
-        ra, rb = (rank_query(s, query, "fused", one.params.mining, gem_p=one.params.index.gem_p) for s in (a, b))
-        assert ra.stage == rb.stage == ("cells+regions" if small_box else "regions")
-        assert ra.candidates == rb.candidates == 4
-        assert rb.ranking.frame_ids == ra.ranking.frame_ids and len(ra.ranking.frame_ids) == 8
-        np.testing.assert_allclose(rb.ranking.boxes, ra.ranking.boxes, atol=0.01)
-        np.testing.assert_allclose(rb.ranking.scores, ra.ranking.scores, atol=1e-4)
+        ra, rb, rc = (rank_query(s, query, "fused", one.params.mining, gem_p=one.params.index.gem_p) for s in (a, b, c))
+        assert ra.stage == rb.stage == rc.stage == ("cells+regions" if small_box else "regions")
+        assert ra.candidates == rb.candidates == rc.candidates == 4
+        assert rb.ranking.frame_ids == rc.ranking.frame_ids == ra.ranking.frame_ids and len(ra.ranking.frame_ids) == 8
+        for r in (rb, rc):
+            np.testing.assert_allclose(r.ranking.boxes, ra.ranking.boxes, atol=0.01)
+            np.testing.assert_allclose(r.ranking.scores, ra.ranking.scores, atol=1e-4)
+    # Every search went to the workers, each shard always to the same one, the six shards over both.
+    for index in (c.index, c.cells) if small_box else (c.index,):
+        log = [[pid for pid, _ in answers] for answers in index.search_shards.log]
+        assert log and all(len(pids) == 6 for pids in log)
+        assert all(pids == log[0] for pids in log) and len(set(log[0])) == 2 and os.getpid() not in log[0]
+    held = index.search_shards.client.run(shard_serving.held_shards)   # worker address -> shard folders held
+    regions_held = [sorted(f for f in folders if f.endswith("regions")) for folders in held.values()]
+    assert sorted(len(f) for f in regions_held) == [3, 3] and not set(regions_held[0]) & set(regions_held[1])
 
     if small_box:   # build-index with index_shards: the shards step in place of index and store (all built already)
         from flows.build_index import build_index_flow

@@ -11,6 +11,7 @@ a candidate is chosen by is the mean over query kinds (class, instance) of their
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,12 @@ def selection_score(queries: list[QueryResult], sets: set[str]) -> float:
     return float(np.mean([np.mean(aps) for aps in by_kind.values()])) if by_kind else float("-inf")
 
 
+def localization_score(queries: list[QueryResult], sets: set[str]) -> float:
+    """Mean Loc@10 of the instance queries in ``sets`` that have one (for parameters that move boxes only)."""
+    located = [q.loc10 for q in queries if q.set in sets and q.loc10 is not None]
+    return float(np.mean(located)) if located else float("-inf")
+
+
 @dataclass
 class HeldOut:
     settings: list[dict[str, object]]   # the candidates, in grid order
@@ -55,9 +62,10 @@ class HeldOut:
     held_out_results: dict[str, list[dict]]   # those rankings, in the bench README's results format
 
 
-def leave_one_set_out(bench: Bench, results: list[dict[str, list[dict]]],
-                      settings: list[dict[str, object]]) -> HeldOut:
-    """``results[i]``: every query ranked with ``settings[i]``."""
+def leave_one_set_out(bench: Bench, results: list[dict[str, list[dict]]], settings: list[dict[str, object]],
+                      score: Callable[[list[QueryResult], set[str]], float] = selection_score) -> HeldOut:
+    """``results[i]``: every query ranked with ``settings[i]``; a candidate is chosen by ``score`` on the sets
+    it may see."""
     if len(results) != len(settings) or not results:
         raise ObjretError(f"leave-one-set-out needs one ranking per candidate: {len(results)} for {len(settings)}")
     reports = [evaluate(bench, r) for r in results]
@@ -66,7 +74,7 @@ def leave_one_set_out(bench: Bench, results: list[dict[str, list[dict]]],
         raise ObjretError(f"leave-one-set-out needs queries in at least two sets, {bench.root} has {sorted(sets)}")
 
     def best(on: set[str]) -> int:
-        scores = [selection_score(r.queries, on) for r in reports]
+        scores = [score(r.queries, on) for r in reports]
         return int(np.argmax(scores))   # the first of equal scores
 
     chosen = {s: best(sets - {s}) for s in sorted(sets)}

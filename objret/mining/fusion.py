@@ -16,7 +16,7 @@ from objret.regions.pooling import gem
 
 
 def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, layer: str, template_cells: int,
-               scales, gem_p: float, fusion: str, gate: GateParams, keep_heatmaps: int = 0,
+               scales, scale_tolerance: float, gem_p: float, fusion: str, gate: GateParams, keep_heatmaps: int = 0,
                diffusion: np.ndarray | None = None, diffusion_weight: float = 0.0,
                feedback: FeedbackQuery | None = None) -> Ranking:
     """Region, whole-frame and template evidence for every frame of ``lake``, fused into one score a frame.
@@ -47,7 +47,7 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
     vector = None if feedback is None else feedback.region_vector
     region, region_boxes = best_region_per_frame(query, lake, vector)
     glob = lake.global_vectors @ (gem(query.maps["stride32"], gem_p) if feedback is None else feedback.global_vector)
-    matched = match_query(query, lake.stack, layer, template_cells, scales, feedback)
+    matched = match_query(query, lake.stack, layer, template_cells, scales, feedback, scale_tolerance)
     rows = np.arange(len(region))
     reference = rows[np.asarray(lake.frame_ids) != query.frame_id]
     fused, boxes, weight = fuse_evidence(region, glob, matched.scores, region_boxes, matched.boxes,
@@ -67,14 +67,15 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
 
 
 def match_query(query: QueryObject, stack: MapStack, layer: str, template_cells: int, scales,
-                feedback: FeedbackQuery | None = None) -> MatchResult:
+                feedback: FeedbackQuery | None = None, scale_tolerance: float = 0.0) -> MatchResult:
     """The query's template (and its mirror view's) matched on every frame of ``stack``; with ``feedback``, each
     accepted frame's template too, a frame taking its best."""
     templates, footprint = query_templates(query, layer, template_cells)
-    matched = match_template(templates, footprint, stack, scales)
+    matched = match_template(templates, footprint, stack, scales, scale_tolerance=scale_tolerance)
     if feedback is None or not feedback.templates:
         return matched
-    return best_of([matched] + [match_template(t, fp, stack, scales) for t, fp in feedback.templates])
+    return best_of([matched] + [match_template(t, fp, stack, scales, scale_tolerance=scale_tolerance)
+                                for t, fp in feedback.templates])
 
 
 def fuse_evidence(region: np.ndarray, glob: np.ndarray, template: np.ndarray, region_boxes: np.ndarray,

@@ -32,9 +32,9 @@ from objret.regions.pooling import gem
 from objret.regions.sources import rmac
 
 
-def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: int, scales,
+def rank_dtm(query: QueryObject, lake: LakeMaps, *, layer: str, template_cells: int, scales, scale_tolerance: float,
              keep_heatmaps: int = 0, feedback: FeedbackQuery | None = None) -> Ranking:
-    result = match_query(query, lake.stack, layer, template_cells, scales, feedback)
+    result = match_query(query, lake.stack, layer, template_cells, scales, feedback, scale_tolerance)
     ranking = Ranking(lake.frame_ids, result.scores, result.boxes)
     for i in np.argsort(-result.scores, kind="stable")[:keep_heatmaps]:
         fid = lake.frame_ids[i]
@@ -116,10 +116,18 @@ class Method:
     standardises: bool = False       # weighs evidence by how it stands out from the frames it ranks
 
 
+def box_scale_tolerance(query: QueryObject, m: MiningParams) -> float:
+    """mining.scale_tolerance for a box under mining.small_box of its frame, else 0. A small box's template cells
+    are single map cells mixing object and background, which makes the best-scoring scale undersize the box;
+    a larger box's cells are pooled over many map cells (bench: the tolerance on boxes over 1% lowered their
+    Loc@10, 0.61 -> 0.56; benchmarks/results/box_scale.md)."""
+    return m.scale_tolerance if query.is_small(m.small_box) else 0.0
+
+
 def _fused(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
     m = x.mining
     return rank_fused(query, lake, weights=m.weights, layer=m.layer, template_cells=m.template_cells,
-                      scales=tuple(m.scales), gem_p=x.gem_p, fusion=m.fusion, gate=m.gate,
+                      scales=tuple(m.scales), scale_tolerance=box_scale_tolerance(query, m), gem_p=x.gem_p, fusion=m.fusion, gate=m.gate,
                       keep_heatmaps=x.keep_heatmaps, diffusion=x.diffusion, diffusion_weight=m.diffusion.weight,
                       feedback=x.feedback)
 
@@ -131,7 +139,7 @@ def _regions(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
 def _dtm(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
     m = x.mining
     return rank_dtm(query, lake, layer=m.layer, template_cells=m.template_cells, scales=tuple(m.scales),
-                    keep_heatmaps=x.keep_heatmaps, feedback=x.feedback)
+                    scale_tolerance=box_scale_tolerance(query, m), keep_heatmaps=x.keep_heatmaps, feedback=x.feedback)
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (

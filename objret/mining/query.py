@@ -27,6 +27,11 @@ class QueryObject:
     mirror: "QueryObject | None" = None  # the frame flipped left-right, with the box flipped with it
     frame_id: str | None = None          # the query frame's lake id, when it is in the lake (left out of statistics)
 
+    def is_small(self, small_box: float) -> bool:
+        """The box covers less than ``small_box`` of its frame (mining.small_box)."""
+        width, height = self.image_size
+        return self.box[2] * self.box[3] < small_box * width * height
+
 
 def mirrored_view(backbone: Backbone, image: np.ndarray, box) -> QueryObject:
     """The query frame flipped left-right through the backbone, the box flipped with it."""

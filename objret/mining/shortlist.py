@@ -42,11 +42,6 @@ class QueryRanking:
     feedback: FeedbackQuery | None = None   # what a review taught the query (None: no review, or not learned)
 
 
-def is_small(query: QueryObject, small_box: float) -> bool:
-    width, height = query.image_size
-    return query.box[2] * query.box[3] < small_box * width * height
-
-
 def first_stage(search: LakeSearch, method: Method, query: QueryObject, vector: np.ndarray,
                 mining: MiningParams, judged: set[str] = frozenset()) -> tuple[str, list[FrameHit] | None]:
     """How candidates are chosen and the shortlist, best first, none of the ``judged`` frames (None: every frame
@@ -57,7 +52,7 @@ def first_stage(search: LakeSearch, method: Method, query: QueryObject, vector: 
         return "all", None
     k = mining.shortlist
     by_region = search.region_shortlist(vector, k, exclude=exclude)
-    if not (method.matches_template and is_small(query, mining.small_box) and search.cells is not None):
+    if not (method.matches_template and query.is_small(mining.small_box) and search.cells is not None):
         return "regions", by_region
     layer = search.cells_layer
     keys = [template_keys(query.maps[layer], query.box, query.image_size, mining.template_cells)]

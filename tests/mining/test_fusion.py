@@ -27,7 +27,7 @@ from objret.mining.lakemaps import LakeMaps
 from objret.mining.methods import QueryObject, RankInputs, get_method, rank
 from objret.mining.search import LakeSearch
 from objret.index.cell_index import salient_cells, template_keys
-from objret.mining.shortlist import first_stage, interleave, is_small, rank_query, reference_rows
+from objret.mining.shortlist import first_stage, interleave, rank_query, reference_rows
 from objret.mining.template_matching import MapStack
 from objret.regions.encoding import region_vectors
 from objret.regions.pooling import box_to_cells, gem
@@ -190,7 +190,7 @@ def test_a_large_box_ranks_the_region_index_shortlist_only(scene):
     re-ranked, fused evidence standardised over them alone, and the rest follow in the index's order."""
     k = 5
     mining = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0", "mining.fusion=sum", "mining.reference=0")
-    assert not is_small(scene.query, mining.small_box)
+    assert not scene.query.is_small(mining.small_box)
     vector = query_region_vector(scene.query, scene.lake.regions)
     region, region_boxes = best_region_per_frame(scene.query, scene.lake)
     by_region = [scene.ids[i] for i in np.argsort(-region, kind="stable")]
@@ -261,7 +261,7 @@ def test_a_small_box_is_shortlisted_by_the_cell_index(scene):
     (voted for by the box's template cells) interleaved with the region index's: the pasted
     clock's frame B is the cell index's best, and the clean copy of B (the same street without it) is not near."""
     mining = _mining(scene, "mining.rerank=1", "mining.small_box=1.0")
-    assert is_small(scene.query, mining.small_box)
+    assert scene.query.is_small(mining.small_box)
     _, by_region = _first_stage(scene, "fused", _mining(scene, "mining.rerank=1", "mining.small_box=0.0"))
     keys = template_keys(scene.query.maps["stride16"], scene.query.box, scene.query.image_size, 3)
     assert keys.shape == (9, 112)   # the clock's 3 x 3 template cells vote (lite0 stride 16: 112 channels)
@@ -375,7 +375,8 @@ def test_max_fusion_takes_the_better_evidence(scene):
     m = scene.params.mining
     with pytest.raises(ValueError, match="unknown fusion 'product'"):
         rank_fused(scene.query, scene.lake, weights=m.weights, layer=m.layer, template_cells=m.template_cells,
-                   scales=tuple(m.scales), gem_p=scene.gem_p, fusion="product", gate=m.gate)
+                   scales=tuple(m.scales), scale_tolerance=m.scale_tolerance, gem_p=scene.gem_p, fusion="product",
+                   gate=m.gate)
 
 
 def test_a_subset_of_the_lake_ranks_its_frames_as_the_whole_lake_does(scene):

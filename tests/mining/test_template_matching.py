@@ -282,3 +282,47 @@ def test_boxes_are_placed_between_cells(scene):
     box = match_template(template, (h_cells, w_cells), stack, (1.0,)).boxes[0]
     assert abs(box[0] + box[2] / 2 - (px + w / 2)) <= 11, box
     assert abs(box[1] + box[3] / 2 - (py + h / 2)) <= 11, box
+
+
+def test_box_scale_is_the_largest_scale_near_the_best_score():
+    from objret.mining.template_matching import _box_scale
+
+    peaks = torch.tensor([[0.70, 0.80, 0.78, 0.60],    # 2.0 (index 2) is within 0.05 of the best (0.80 at 1.0)
+                          [0.70, 0.80, 0.70, 0.79],    # 1.5 (index 3) is, 2.0 is not
+                          [0.90, 0.80, 0.70, 0.60]])   # nothing near the best: the best, 0.5
+    scales = (0.5, 1.0, 2.0, 1.5)                      # in no order
+    assert _box_scale(peaks, scales, 0.05).tolist() == [2, 3, 0]
+    assert _box_scale(peaks, scales, 0.0).tolist() == [1, 1, 0]
+
+
+def test_a_scale_tolerance_sizes_boxes_to_resized_pastes_and_leaves_the_scores(scene):
+    """The clock pasted at 0.7x to 1.8x its size: every tolerance scores a frame alike (its best scale and place);
+    the best-scoring scale undersizes the box (at 0.7x and 0.8x it takes 0.5, at 1.8x 1.5: measured), and a
+    tolerance of 0.05 takes the larger scale that scores nearly as well, boxing the objects better."""
+    import cv2
+
+    backbone = build_backbone("efficientnet_lite0", layers=(LAYER,), max_side=MAX_SIDE)
+    a, clean = scene["images"]["A"], scene["images"]["B_clean"]
+    x, y, w, h = (int(round(v)) for v in scene["box"])
+    _, _, w_cells, h_cells = box_to_cells(scene["box"], (480, 640), scene["maps"]["A"][LAYER].shape[-2:])
+    template = box_template(scene["maps"]["A"][LAYER], scene["box"], (480, 640), max_cells=3)
+    scales = (0.5, 0.75, 1.0, 1.5, 2.0)
+    ious = {"strict": [], "tolerant": []}
+    for factor in (0.7, 0.8, 1.2, 1.8):
+        big = cv2.resize(np.ascontiguousarray(a[y:y + h, x:x + w]), None, fx=factor, fy=factor,
+                         interpolation=cv2.INTER_LINEAR)
+        px, py = 300 - int(big.shape[1] * 0.3), 100
+        pasted = clean.copy()
+        pasted[py:py + big.shape[0], px:px + big.shape[1]] = big
+        truth = (px, py, big.shape[1], big.shape[0])
+        maps = extract_maps(backbone, [("pasted", pasted)], device=torch.device("cpu"))
+        stack = MapStack(["pasted"], [maps["pasted"][LAYER]], [(640, 480)])
+        strict = match_template(template, (h_cells, w_cells), stack, scales)
+        tolerant = match_template(template, (h_cells, w_cells), stack, scales, scale_tolerance=0.05)
+        assert tolerant.scores[0] == pytest.approx(strict.scores[0])
+        np.testing.assert_array_equal(tolerant.heatmaps, strict.heatmaps)
+        assert tolerant.boxes[0][2] >= strict.boxes[0][2] - 1e-3, factor
+        ious["strict"].append(iou_xywh(strict.boxes[0], truth))
+        ious["tolerant"].append(iou_xywh(tolerant.boxes[0], truth))
+    assert min(ious["tolerant"]) >= 0.5 > min(ious["strict"]), ious
+    assert np.mean(ious["tolerant"]) >= np.mean(ious["strict"]) + 0.1, ious

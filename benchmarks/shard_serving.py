@@ -102,7 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--index", nargs="+", required=True, help="saved region or cell index folders (one shard each)")
     parser.add_argument("--queries", type=int, default=40)
-    parser.add_argument("--shortlist", type=int, default=1000, help="mining.shortlist: searches ask 8x this many regions")
+    parser.add_argument("--shortlist", type=int, default=1000,
+                        help="mining.shortlist: searches ask 8x this many regions")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 

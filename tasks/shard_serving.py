@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from objret.config import ScaleOutParams
 from objret.errors import ObjretError
 from objret.index.region_index import RegionIndex
 from objret.index.sharded import ShardSearch
@@ -24,6 +25,7 @@ from objret.steps.workspace import Workspace
 
 _held: dict[str, tuple[str, RegionIndex]] = {}   # on a worker: shard folder -> (version, its index in memory)
 _clients: dict[str, object] = {}                 # in the mining process: one Dask client per scheduler
+CONNECT_TIMEOUT = "30s"                          # Dask retries a scheduler that refuses until then
 
 
 def search_held(folder: str, recipe: dict, version: str, queries: np.ndarray, k: int, refine: bool) -> dict:
@@ -81,7 +83,7 @@ def served_by(ws: Workspace):
     so = ws.params.scale_out
     if not so.serve_shards:
         return None
-    client = cluster_client(so.address)
+    client = cluster_client(so)
 
     def serve(folders: list[Path], recipe: dict) -> ShardSearch:
         return ServedShards(client, folders, recipe)
@@ -89,21 +91,26 @@ def served_by(ws: Workspace):
     return serve
 
 
-def cluster_client(address: str | None):
-    """A client of the scheduler at ``address``, kept for the process; without one, a local cluster of worker
-    processes started on first use and closed when the process exits."""
-    key = address or "local"
+def cluster_client(so: ScaleOutParams):
+    """A client of the scheduler at ``scale_out.address``, kept for the process; without one, a local cluster of
+    ``scale_out.n_workers`` worker processes (default: cores / threads_per_worker) started on first use and
+    closed when the process exits."""
+    key = so.address or "local"
     if key not in _clients:
         from distributed import Client, LocalCluster
 
         from tasks.scale_out import local_cluster_environ
 
-        if address:
-            _clients[key] = Client(address)
+        if so.address:
+            try:
+                _clients[key] = Client(so.address, timeout=CONNECT_TIMEOUT)
+            except OSError as exc:
+                raise ObjretError(f"scale_out.address {so.address}: no Dask scheduler answers there ({exc})") from exc
         else:
+            n = so.n_workers or max(1, (os.cpu_count() or 1) // so.threads_per_worker)
             with local_cluster_environ():
-                cluster = LocalCluster(n_workers=max(1, (os.cpu_count() or 1) // 2), threads_per_worker=1,
-                                       processes=True, dashboard_address=":0")
+                cluster = LocalCluster(n_workers=n, threads_per_worker=so.threads_per_worker, processes=True,
+                                       dashboard_address=":0")
             _clients[key] = Client(cluster)
             atexit.register(cluster.close)
         atexit.register(_clients[key].close)

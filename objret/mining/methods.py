@@ -127,7 +127,8 @@ def box_scale_tolerance(query: QueryObject, m: MiningParams) -> float:
 def _fused(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
     m = x.mining
     return rank_fused(query, lake, weights=m.weights, layer=m.layer, template_cells=m.template_cells,
-                      scales=tuple(m.scales), scale_tolerance=box_scale_tolerance(query, m), gem_p=x.gem_p, fusion=m.fusion, gate=m.gate,
+                      scales=tuple(m.scales), scale_tolerance=box_scale_tolerance(query, m), gem_p=x.gem_p,
+                      fusion=m.fusion, gate=m.gate,
                       keep_heatmaps=x.keep_heatmaps, diffusion=x.diffusion, diffusion_weight=m.diffusion.weight,
                       feedback=x.feedback)
 

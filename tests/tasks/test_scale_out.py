@@ -234,3 +234,17 @@ def test_the_task_runner_follows_the_scale_out_params(monkeypatch):
     assert runner.cluster_class is scale_out.gpu_cluster
     assert runner.cluster_kwargs == {"gpus": ["2", "3"], "threads_per_worker": 1}   # one worker per GPU
     assert scale_out.task_runner(so("n_workers=3")).cluster_kwargs["gpus"] == ["2", "3", "2"]   # round robin
+
+
+def test_served_shards_on_an_unreachable_scheduler_is_an_error_naming_the_address(monkeypatch):
+    from objret.config import load_params
+    from objret.errors import ObjretError
+    from tasks import shard_serving
+
+    monkeypatch.setattr(shard_serving, "CONNECT_TIMEOUT", "2s")
+    params = load_params(None, ["scale_out.index_shards=true", "scale_out.serve_shards=true",
+                                "scale_out.address=tcp://127.0.0.1:1"])
+    with pytest.raises(ObjretError, match="scale_out.address tcp://127.0.0.1:1: no Dask scheduler answers"):
+        shard_serving.cluster_client(params.scale_out)
+    with pytest.raises(ObjretError, match="serve_shards needs index_shards"):
+        load_params(None, ["scale_out.serve_shards=true"])

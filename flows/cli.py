@@ -160,8 +160,20 @@ def cmd_graph(args) -> int:
 def cmd_mine(args) -> int:
     from flows.mine import mine_flow
 
+    check_report_file(args, args.report)
     _print_mining(mine_flow(report_path=str(Path(args.report).resolve()), **_flow_kwargs(args)))
     return 0
+
+
+def check_report_file(args, path: str) -> None:
+    """The report read and its box checked on its frame here, before a flow starts: a bad report is one line and
+    exit status 2 (main), not a failed flow run's tracebacks."""
+    from objret.config import load_params
+    from objret.mining.report import load_report
+    from objret.steps.mine import check_report
+    from objret.steps.workspace import Workspace
+
+    check_report(Workspace(load_params(args.params, args.overrides), args.workdir), load_report(path))
 
 
 def _print_mining(result: dict) -> None:

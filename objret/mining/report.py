@@ -380,6 +380,26 @@ def load_report(path_or_text: str | Path | bytes) -> FailureReport:
     return parse_report(data)
 
 
+BOX_TOLERANCE_PX = 2.0   # a box may pass its frame's edge by this much (rounding where it was drawn)
+
+
+def check_report_box(box, width: int, height: int, cell: tuple[float, float]) -> tuple[float, float, float, float]:
+    """A report's box on its ``width`` x ``height`` frame, clipped to it; ReportError naming the field when the box
+    leaves the frame by more than BOX_TOLERANCE_PX, or covers less than one ``cell`` (width, height in pixels of
+    one cell of the map templates are matched on): mining a guessed or unresolvable object pushes wrong boxes."""
+    x, y, w, h = (float(v) for v in box)
+    shown = ", ".join(f"{v:g}" for v in (x, y, w, h))
+    tol = BOX_TOLERANCE_PX
+    if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+        raise ReportError([f"box: [{shown}] leaves the {width}x{height} frame (x + width must be <= {width}, "
+                           f"y + height <= {height})"])
+    clipped = check_box_in_frame(box, width, height)
+    if clipped[2] * clipped[3] < cell[0] * cell[1]:
+        raise ReportError([f"box: [{shown}] covers less than one {cell[0]:.3g}x{cell[1]:.3g} px cell of the map "
+                           f"templates are matched on (mining.layer) in the {width}x{height} frame: too small to mine"])
+    return clipped
+
+
 def check_box_in_frame(
     box: tuple[float, float, float, float], width: int, height: int
 ) -> tuple[float, float, float, float]:

@@ -26,7 +26,7 @@ from objret.mining.dedup import collapse_near_duplicates
 from objret.mining.feedback import Feedback
 from objret.mining.methods import get_method
 from objret.mining.query import QueryObject, mirrored_view
-from objret.mining.report import FailureReport, check_box_in_frame
+from objret.mining.report import FailureReport, check_report_box
 from objret.mining.search import LakeSearch
 from objret.regions.encoding import RegionVectors
 from objret.regions.sources import rmac
@@ -151,12 +151,29 @@ def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
         maps = extract_maps(ws.backbone, [("query", pixels)])["query"]
         size = (pixels.shape[1], pixels.shape[0])
-    box = check_box_in_frame(box, *size)
+    box = check_report_box(box, *size, cell_size(ws, size))
     query = QueryObject(maps, size, box, frame_id=frame.frame_id if frame else None)
     if ws.params.mining.mirror and get_method(method).matches_template:
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
         query.mirror = mirrored_view(ws.backbone, pixels, box)
     return query
+
+
+def cell_size(ws: Workspace, size: tuple[int, int]) -> tuple[float, float]:
+    """Pixels of a ``size`` (width, height) frame that one cell of mining.layer covers."""
+    from objret.features.backbone import resized_shape
+
+    stride = int(ws.params.mining.layer.removeprefix("stride"))
+    resized_w, resized_h = resized_shape(*size, ws.params.features.max_side)
+    return stride * size[0] / resized_w, stride * size[1] / resized_h
+
+
+def check_report(ws: Workspace, report: FailureReport) -> None:
+    """The report's frame found (a lake frame, or an image where objret may read it) and its box checked against
+    that frame (objret.mining.report.check_report_box): a ReportError naming the field, before any work."""
+    frame, pixels, _ = resolve_query(ws, report)
+    size = (frame.width, frame.height) if frame is not None else (pixels.shape[1], pixels.shape[0])
+    check_report_box(report.box, *size, cell_size(ws, size))
 
 
 def query_object(ws: Workspace, report: FailureReport) -> tuple[QueryObject, dict]:
@@ -216,12 +233,12 @@ def mine(ws: Workspace, report: FailureReport, progress: bool = True,
     """
     m = ws.params.mining
     timings = {}
+    t1 = time.perf_counter()
+    query, query_info = query_object(ws, report)   # a report with a bad box is refused before the lake loads
+    timings["query_s"] = time.perf_counter() - t1
     t0 = time.perf_counter()
     search = open_search(ws, served_by)
     timings["open_s"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    query, query_info = query_object(ws, report)
-    timings["query_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     # What reviews of this report decided: judged frames are not shown again, and the query learns from them.

@@ -158,3 +158,19 @@ def test_demo_builds_a_lake_from_a_video_and_mines_a_report(bench_dir, tmp_path,
     assert str(workdir / "datasets" / "retraining") in out and "MLflow run" in out
     coco = json.loads((workdir / "datasets" / "retraining" / "annotations.json").read_text())
     assert len(coco["annotations"]) == 8
+
+    # Reports the lake cannot honestly answer are refused before any flow starts: one message naming the field
+    # and the frame, exit status 2, no traceback, the dataset untouched.
+    capsys.readouterr()
+    for name, change, message in (
+            ("past-the-edge", {"box": [760, 570, 50, 50]}, "box: [760, 570, 50, 50] leaves the 768x576 frame"),
+            ("one-pixel", {"box": [300, 200, 1, 1]}, "box: [300, 200, 1, 1] covers less than one"),
+            ("outside", {"frame": {"uri": "/etc/hosts"}}, "frame.uri: '/etc/hosts' is not in the lake")):
+        bad = dict(report, report_id=f"bad-{name}", **change)
+        bad_path = tmp_path / f"{name}.json"
+        bad_path.write_text(json.dumps(bad))
+        assert main(["mine", str(bad_path), "--workdir", str(workdir), *SMALL]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not (workdir / "runs" / f"mine-bad-{name}").exists()
+    assert len(json.loads((workdir / "datasets" / "retraining" / "annotations.json").read_text())["annotations"]) == 8

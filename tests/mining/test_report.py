@@ -6,7 +6,8 @@ import json
 import pytest
 
 from objret.errors import ReportError
-from objret.mining.report import SCHEMA_PATH, FailureReport, check_box_in_frame, load_report, parse_report
+from objret.mining.report import (SCHEMA_PATH, FailureReport, check_box_in_frame, check_report_box, load_report,
+                                  parse_report)
 
 FRAME_ID = "0123456789abcdef" * 4
 NOT_A_DATE_TIME = "is not a date-time (RFC 3339, e.g. 2024-05-01T12:00:00Z)"
@@ -228,3 +229,31 @@ def test_box_outside_the_frame_is_rejected(box):
         check_box_in_frame(box, 640, 480)
     shown = ", ".join(f"{v:g}" for v in box)
     assert caught.value.problems == [f"box [{shown}] lies outside the 640x480 frame"]
+
+
+# --- a report's box: inside its frame and large enough to match -------------------------------------------------
+
+
+CELL = (9.6, 9.6)   # a stride-8 cell of a 768 px wide frame read at 640 px
+
+
+def test_a_report_box_inside_or_within_rounding_of_the_edge_is_taken_clipped():
+    assert check_report_box((10, 20, 30, 40), 768, 576, CELL) == (10.0, 20.0, 30.0, 40.0)
+    assert check_report_box((740, 550, 29.5, 27.5), 768, 576, CELL) == (740.0, 550.0, 28.0, 26.0)
+    assert check_report_box((-1.5, 0, 20, 20), 768, 576, CELL) == (0.0, 0.0, 18.5, 20.0)
+
+
+@pytest.mark.parametrize("box", [(760, 570, 50, 50), (-10, 5, 30, 30), (100, 560, 20, 20), (800, 10, 5, 5)])
+def test_a_report_box_leaving_its_frame_is_refused_naming_the_frame(box):
+    with pytest.raises(ReportError) as caught:
+        check_report_box(box, 768, 576, CELL)
+    shown = ", ".join(f"{v:g}" for v in box)
+    assert caught.value.problems == [f"box: [{shown}] leaves the 768x576 frame (x + width must be <= 768, "
+                                     "y + height <= 576)"]
+
+
+@pytest.mark.parametrize("box", [(300, 200, 1, 1), (300, 200, 9, 9), (300, 200, 40, 2)])
+def test_a_report_box_under_one_cell_is_refused(box):
+    with pytest.raises(ReportError, match=r"covers less than one 9.6x9.6 px cell .*768x576 frame: too small"):
+        check_report_box(box, 768, 576, CELL)
+    assert check_report_box((300, 200, 10, 10), 768, 576, CELL) == (300.0, 200.0, 10.0, 10.0)

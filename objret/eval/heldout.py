@@ -18,7 +18,7 @@ import numpy as np
 
 from objret.errors import ObjretError
 from objret.eval.bench import Bench
-from objret.eval.metrics import EvalReport, QueryResult, evaluate, shown_groups
+from objret.eval.metrics import EvalReport, QueryResult, evaluate, paired_table
 
 
 def tune_grid(tune: dict[str, list]) -> list[dict[str, object]]:
@@ -86,12 +86,7 @@ def leave_one_set_out(bench: Bench, results: list[dict[str, list[dict]]], settin
 def held_out_table(result: HeldOut) -> str:
     """The shown groups with in-sample and held-out mAP (and Loc@10 for instance groups) side by side, then which
     candidate each set was ranked with."""
-    held = {g.name: g for g in result.held_out_report.groups}
-    lines = [f"{'group':32s} {'n':>4s}  {'mAP in-sample':>13s} {'held-out':>9s}  {'Loc@10 in':>9s} {'held-out':>9s}"]
-    for g in shown_groups(result.in_sample_report.groups):
-        h = held[g.name]
-        loc = (f"{g.loc10:9.3f} {h.loc10:9.3f}" if g.loc10 is not None and h.loc10 is not None else f"{'':9s} {'':9s}")
-        lines.append(f"{g.name:32s} {g.n:4d}  {g.mAP:13.3f} {h.mAP:9.3f}  {loc}")
+    lines = paired_table(result.in_sample_report, result.held_out_report, ("in-sample", "held-out"))
     lines.append("")
     lines.append(f"in-sample: {_setting(result.settings[result.in_sample])}")
     for s, i in result.chosen.items():

@@ -327,6 +327,21 @@ def shown_groups(groups: list[GroupStats], details: bool = False) -> list[GroupS
     return [g for g in groups if details or not _is_detail(g)]
 
 
+def paired_table(first: EvalReport, second: EvalReport, labels: tuple[str, str]) -> list[str]:
+    """The shown groups' mAP (and Loc@10 for instance groups) in ``first`` beside ``second``, columns headed by
+    ``labels`` (e.g. in-sample / held-out, before / after): table lines."""
+    a, b = labels
+    wa, wb, wl = len(f"mAP {a}"), max(len(b), 7), len(f"Loc@10 {a}")
+    lines = [f"{'group':32s} {'n':>4s}  {'mAP ' + a:>{wa}s} {b:>{wb}s}  {'Loc@10 ' + a:>{wl}s} {b:>{wb}s}"]
+    paired = {g.name: g for g in second.groups}
+    for g in shown_groups(first.groups):
+        h = paired[g.name]
+        both = g.loc10 is not None and h.loc10 is not None
+        loc = f"{g.loc10:{wl}.3f} {h.loc10:{wb}.3f}" if both else f"{'':{wl}s} {'':{wb}s}"
+        lines.append(f"{g.name:32s} {g.n:4d}  {g.mAP:{wa}.3f} {h.mAP:{wb}.3f}  {loc}")
+    return lines
+
+
 def format_table(report: EvalReport, details: bool = False) -> str:
     """Fixed-width text table, one row per group; per-category and instance size rows only with details."""
     groups = shown_groups(report.groups, details)

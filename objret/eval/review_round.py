@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from objret.eval.bench import Bench, Key, Query
-from objret.eval.metrics import EvalReport, evaluate, shown_groups
+from objret.eval.metrics import EvalReport, evaluate, paired_table
 from objret.mining.feedback import Feedback
 
 
@@ -68,15 +68,8 @@ def review_round(bench: Bench, frame_of: dict[Key, str], first: dict[str, list[d
 
 def review_table(result: ReviewRound) -> str:
     """mAP (and Loc@10 for instance groups) before and after the review round, per shown group."""
-    after = {g.name: g for g in result.after.groups}
     lines = [f"one review round: each query's first {result.judged} frames judged (positives accepted, the rest "
-             "rejected); residual collection",
-             f"{'group':32s} {'n':>4s}  {'mAP before':>10s} {'after':>7s}  {'Loc@10 before':>13s} {'after':>7s}"]
-    for g in shown_groups(result.before.groups):
-        a = after[g.name]
-        both = g.loc10 is not None and a.loc10 is not None
-        loc = f"{g.loc10:13.3f} {a.loc10:7.3f}" if both else f"{'':13s} {'':7s}"
-        lines.append(f"{g.name:32s} {g.n:4d}  {g.mAP:10.3f} {a.mAP:7.3f}  {loc}")
+             "rejected); residual collection", *paired_table(result.before, result.after, ("before", "after"))]
     accepted = sum(a for a, _ in result.verdicts.values())
     rejected = sum(r for _, r in result.verdicts.values())
     lines.append(f"\nverdicts: {accepted} accepted, {rejected} rejected over {len(result.verdicts)} queries "

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from objret.boxes import iou_xywh
+from objret.mining.evidence import query_templates
 from objret.mining.lakemaps import LakeMaps
-from objret.regions.pooling import box_template, box_to_cells, template_grid
+from objret.mining.query import QueryObject
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,10 @@ def _collect(judged: LakeMaps, row: int, choose, global_out: list, region_out: l
 
 def frame_template(lake: LakeMaps, row: int, box, template_cells: int) -> tuple[np.ndarray, tuple[float, float]]:
     """The template of ``box`` on frame ``row`` of ``lake`` (its map as template matching reads it) and the
-    box's size in cells (h, w)."""
+    box's size in cells (h, w): the accepted box taken as a query on that frame (objret.mining.evidence)."""
     stack = lake.stack
     h, w = (int(v) for v in stack.map_sizes[row])
     fmap = stack.rows(row, row + 1)[0][0, :, :h, :w].numpy()
-    size = tuple(int(v) for v in stack.image_sizes[row])
-    _, _, w_cells, h_cells = box_to_cells(box, size, (h, w))
-    grid = template_grid((w_cells, h_cells), template_cells)
-    return box_template(fmap, box, size, grid=grid), (h_cells, w_cells)
+    view = QueryObject({"matched": fmap}, tuple(int(v) for v in stack.image_sizes[row]), tuple(box))
+    (template,), footprint = query_templates(view, "matched", template_cells)
+    return template, footprint

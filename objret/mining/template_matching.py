@@ -123,13 +123,13 @@ def match_template(templates, query_cells_hw: tuple[float, float], stack: MapSta
             torch.stack([_layout_mean(sims[:, v * th * tw:(v + 1) * th * tw], th, tw, s * qh, s * qw)
                          for v in range(len(variants))]).amax(dim=0)
             for s in scales], dim=1)
-        per_scale = per_scale.masked_fill(~valid[:, None], -1.0).cpu()
-        peaks = per_scale.flatten(2).max(dim=2).values                   # frames x scales
+        per_scale = per_scale.masked_fill(~valid[:, None], -1.0)
+        peaks = per_scale.flatten(2).max(dim=2).values.cpu()             # frames x scales
         scores[start:stop] = peaks.max(dim=1).values.numpy()
-        heat[start:stop, :height, :width] = per_scale.max(dim=1).values.numpy()
+        heat[start:stop, :height, :width] = per_scale.max(dim=1).values.cpu().numpy()
         chosen = _box_scale(peaks, scales, scale_tolerance)
         rows = torch.arange(stop - start)
-        surface = per_scale[rows, chosen]                                 # the chosen scale's scores
+        surface = per_scale[rows.to(device), chosen.to(device)].cpu()   # the chosen scale's scores, off the device
         top = surface.flatten(1).argmax(dim=1)
         cy, cx = top // width, top % width
         dy = _parabola_offset(surface, rows, cy, cx, axis=0)

@@ -16,6 +16,7 @@ from objret.config import MiningParams
 from objret.dataset.contact_sheet import contact_sheet, save_png
 from objret.dataset.decisions import review_feedback
 from objret.errors import ObjretError
+from objret.features.backbone import resized_shape
 from objret.features.cache import extract_maps
 from objret.graph.store import current_version, open_diffusion
 from objret.index.region_index import RegionIndex, index_version
@@ -161,8 +162,6 @@ def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np
 
 def cell_size(ws: Workspace, size: tuple[int, int]) -> tuple[float, float]:
     """Pixels of a ``size`` (width, height) frame that one cell of mining.layer covers."""
-    from objret.features.backbone import resized_shape
-
     stride = int(ws.params.mining.layer.removeprefix("stride"))
     resized_w, resized_h = resized_shape(*size, ws.params.features.max_side)
     return stride * size[0] / resized_w, stride * size[1] / resized_h

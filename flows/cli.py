@@ -234,10 +234,12 @@ def cmd_report(args) -> int:
         return _submit_reports(args)
     if args.report_command == "status":
         return _report_status(args)
+    from objret.dataset.labels import dataset_label
     from objret.mining.report import load_report
 
     report = load_report(Path(args.report))
-    print(f"{args.report}: valid report {report.report_id} ({report.class_name}, {report.failure_kind})")
+    print(f"{args.report}: valid report {report.report_id} ({report.class_name}, {report.failure_kind}): mined frames "
+          f"go in as {dataset_label(report).describe()}")
     return 0
 
 

@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from objret.dataset.labels import dataset_label
 from objret.mining.report import FailureReport
 from objret.steps import dataset as dataset_step
 from objret.steps import discovery as discovery_step
@@ -166,7 +167,8 @@ def review_page(ws: Workspace, outcome: mine_step.MiningOutcome, run: dict) -> d
 
 
 def mined_table(report: FailureReport, outcome: mine_step.MiningOutcome, rows: int = 50) -> str:
-    lines = [f"### Report `{report.report_id}`: {report.class_name} ({report.failure_kind})", "",
+    lines = [f"### Report `{report.report_id}`: {report.class_name} ({report.failure_kind}; mined frames go in as "
+             f"{dataset_label(report).describe()})", "",
              "| rank | score | frame | time (s) | box [x, y, w, h] | near-duplicates |", "|---:|---:|---|---:|---|---:|"]
     for m in outcome.mined[:rows]:
         time_s = f"{m['time_s']:.2f}" if m.get("time_s") is not None else ""

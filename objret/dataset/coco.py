@@ -2,8 +2,12 @@
 
 Layout under ``root``::
 
-    annotations.json         COCO: info, images, annotations, categories
+    annotations.json         COCO: info, images, annotations, categories (+ hard_negatives)
     images/<frame_id>.jpg    the mined frames (only when frames are copied)
+
+A false positive report's frames carry no annotation: their regions are listed in ``hard_negatives`` (entries
+shaped like annotations, with the class they are not in ``not_class`` instead of a category; COCO readers ignore
+the key), so the frames teach the detector what its class is not (objret.dataset.labels).
 
 A push writes the frame images first and ``annotations.json`` last, in one atomic write, so a push that
 dies half-way leaves the previous ``annotations.json`` intact; the images it already copied are reused by
@@ -23,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from objret import storage
+from objret.dataset.labels import dataset_label
 from objret.errors import BadFrameError, ObjretError, ReportError, StoreError
 from objret.mining.report import FailureReport, check_box_in_frame
 
 ANNOTATIONS_FILE = "annotations.json"
 IMAGES_FOLDER = "images"
+HARD_NEGATIVES = "hard_negatives"   # regions that are *not* their report's class (false positive reports)
 
 _SAFE_FRAME_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # frame ids become file names
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -79,7 +85,14 @@ def empty_dataset() -> dict:
 
 def dataset_bytes(coco: dict) -> bytes:
     """The one serialization of a dataset: the same content always gives the same bytes."""
+    if not coco.get(HARD_NEGATIVES):   # a dataset without hard negatives is plain COCO
+        coco = {k: v for k, v in coco.items() if k != HARD_NEGATIVES}
     return (json.dumps(coco, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def report_entries(coco: dict) -> list[dict]:
+    """Every entry that holds one report's box on one frame: annotations and hard negatives."""
+    return coco["annotations"] + coco.get(HARD_NEGATIVES, [])
 
 
 def dataset_version(data: bytes) -> str:
@@ -233,6 +246,7 @@ def push(
     ``provenance`` (backbone, index_version, method, ...) is stored in each annotation's ``objret`` field.
     Frames already in the dataset keep their image entry; a (report, frame) pair already annotated is
     left alone when identical and refreshed in place when the new values differ. Nothing is removed.
+    A false positive report's frames go in as hard negatives, under no category (objret.dataset.labels).
     """
     root = str(root)
     annotations_uri = storage.join(root, ANNOTATIONS_FILE)
@@ -243,9 +257,11 @@ def push(
     frame_of_image = {image["id"]: image.get("frame_id") for image in coco["images"]}
     annotations_by_key = {
         (ann["objret"].get("report_id"), frame_of_image.get(ann["image_id"])): ann
-        for ann in coco["annotations"]
+        for ann in report_entries(coco)
         if isinstance(ann.get("objret"), dict)
     }
+    label = dataset_label(report)
+    entries = coco.setdefault(HARD_NEGATIVES, []) if label.hard_negative else coco["annotations"]
 
     # Best rank first, one entry per frame: ids are assigned in this order, so they are reproducible.
     frames: dict[str, tuple[MinedFrame, tuple]] = {}
@@ -266,32 +282,41 @@ def push(
             coco["images"].append(image)
             images_by_frame[frame.frame_id] = image
 
-        if category_id is None:
-            category_id = _category_id(coco, report.class_name)
         bbox = _rounded_box(box)
-        annotation = {
-            "image_id": image["id"],
-            "category_id": category_id,
-            "bbox": bbox,
-            "area": round(bbox[2] * bbox[3], 2),
-            "iscrowd": 0,
-            "objret": {
-                **annotation_provenance,
-                "report_id": report.report_id,
-                "failure_kind": report.failure_kind,
-                "detector": {"name": report.detector_name, "version": report.detector_version},
-                "rank": int(frame.rank),
-                "score": _plain(float(frame.score)),
-                "evidence": _plain(frame.evidence),
-            },
+        annotation = {"image_id": image["id"], "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0}
+        if label.hard_negative:
+            annotation["not_class"] = label.class_name
+        else:
+            if category_id is None:
+                category_id = _category_id(coco, label.class_name)
+            annotation["category_id"] = category_id
+        annotation["objret"] = {
+            **annotation_provenance,
+            "report_id": report.report_id,
+            "failure_kind": report.failure_kind,
+            "detector": {"name": report.detector_name, "version": report.detector_version},
+            "rank": int(frame.rank),
+            "score": _plain(float(frame.score)),
+            "evidence": _plain(frame.evidence),
         }
+        if label.predicted_class is not None:
+            annotation["objret"]["predicted_class"] = label.predicted_class
         existing = annotations_by_key.get((report.report_id, frame.frame_id))
         if existing is None:
-            annotation["id"] = _next_id(coco["annotations"])
-            coco["annotations"].append(annotation)
+            annotation["id"] = _next_id(entries)
+            entries.append(annotation)
             added += 1
         elif {k: v for k, v in existing.items() if k != "id"} == annotation:
             unchanged += 1
+        elif not any(entry is existing for entry in entries):
+            # Pushed under the other list before (a false positive boxed under its class by an older objret):
+            # it moves, so the wrong box leaves the class.
+            for key in ("annotations", HARD_NEGATIVES):
+                coco[key] = [entry for entry in coco.get(key, []) if entry is not existing]
+            entries = coco[HARD_NEGATIVES] if label.hard_negative else coco["annotations"]
+            annotation["id"] = _next_id(entries)
+            entries.append(annotation)
+            updated += 1
         else:
             annotation["id"] = existing["id"]  # same (report, frame), new values: keep its id
             existing.clear()
@@ -353,10 +378,11 @@ def remove_frames(root: str, report_id: str, frame_ids, *, endpoint_url: str | N
     def reported(ann: dict) -> bool:
         return isinstance(ann.get("objret"), dict) and ann["objret"].get("report_id") == report_id
 
-    removed = [a for a in coco["annotations"] if reported(a) and frame_of_image.get(a["image_id"]) in drop]
+    removed = [a for a in report_entries(coco) if reported(a) and frame_of_image.get(a["image_id"]) in drop]
     removed_ids = {id(a) for a in removed}
-    coco["annotations"] = [a for a in coco["annotations"] if id(a) not in removed_ids]
-    used = {a["image_id"] for a in coco["annotations"]}
+    for key in ("annotations", HARD_NEGATIVES):
+        coco[key] = [a for a in coco.get(key, []) if id(a) not in removed_ids]
+    used = {a["image_id"] for a in report_entries(coco)}
     freed = [image for image in coco["images"]
              if image["id"] not in used and image["id"] in {a["image_id"] for a in removed}]
     freed_ids = {image["id"] for image in freed}
@@ -374,7 +400,7 @@ def remove_frames(root: str, report_id: str, frame_ids, *, endpoint_url: str | N
             storage.delete(storage.join(root, image["file_name"]), endpoint_url)
     found = {frame_of_image.get(a["image_id"]) for a in removed}
     return RemoveResult(root, dataset_version(new_bytes), len(removed), len(freed),
-                        sum(1 for a in coco["annotations"] if reported(a)), sorted(drop - found), changed)
+                        sum(1 for a in report_entries(coco) if reported(a)), sorted(drop - found), changed)
 
 
 def report_boxes(root: str, report_id: str, endpoint_url: str | None = None) -> dict[str, tuple[float, ...]]:
@@ -384,7 +410,7 @@ def report_boxes(root: str, report_id: str, endpoint_url: str | None = None) -> 
         return {}
     coco = _parse_annotations(data, storage.join(str(root), ANNOTATIONS_FILE))
     frame_of_image = {image["id"]: image.get("frame_id") for image in coco["images"]}
-    return {frame_of_image[a["image_id"]]: tuple(float(v) for v in a["bbox"]) for a in coco["annotations"]
+    return {frame_of_image[a["image_id"]]: tuple(float(v) for v in a["bbox"]) for a in report_entries(coco)
             if isinstance(a.get("objret"), dict) and a["objret"].get("report_id") == report_id
             and frame_of_image.get(a["image_id"])}
 

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from objret import storage
+from objret.dataset.labels import dataset_label
 
 THUMB_WIDTH = 320      # a mined frame's thumbnail, pixels wide
 DUPLICATE_WIDTH = 150  # a near-duplicate's thumbnail (shown when its group is expanded)
@@ -81,7 +82,8 @@ def _report_fields(report: dict, query: dict) -> list[tuple[str, str]]:
     frame = report.get("frame") or {}
     detector = report.get("detector") or {}
     fields = [("report", report.get("report_id")), ("class", report.get("class_name")),
-              ("failure", report.get("failure_kind")),
+              ("failure", report.get("failure_kind")), ("detector said", report.get("predicted_class")),
+              ("accepted frames go in as", dataset_label(report).describe()),
               ("detector", f"{detector.get('name', '')} {detector.get('version', '')}".strip()),
               ("frame", frame.get("frame_id") or frame.get("uri")),
               ("frame index", frame.get("frame_index")), ("box [x, y, w, h]", _box_text(report.get("box"))),

@@ -31,7 +31,7 @@ _MAX_INT_DIGITS = 400  # Python refuses to convert integers of over 4,300 digits
 # The free-form text fields (the others have a pattern, enum or format), and whether each is one line (no control
 # characters) or free text (tab, newline and CR allowed).
 _TEXT_FIELDS = {("detector", "name"): True, ("detector", "version"): True, ("frame", "uri"): True,
-                ("class_name",): True, ("notes",): False}
+                ("class_name",): True, ("predicted_class",): True, ("notes",): False}
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 # What a pattern means, for the fields that have one (a regex is no help to the user).
@@ -60,11 +60,12 @@ class FailureReport:
     frame_uri: str | None
     frame_index: int | None
     box: tuple[float, float, float, float]  # x, y, w, h in frame pixels
-    class_name: str
-    failure_kind: str
+    class_name: str   # false_negative: the missed object's class; false_positive: the class the detector wrongly
+    failure_kind: str  # gave it; misclassification: its true class (objret.dataset.labels)
     notes: str = ""
     created_at: str | None = None
     diffusion: bool | None = None  # the report's "mining": {"diffusion": ...}; None: params.yaml decides
+    predicted_class: str | None = None  # misclassification: the class the detector gave (None in older reports)
 
     def to_dict(self) -> dict:
         """The report as schema-valid JSON data (``parse_report(r.to_dict()) == r``)."""
@@ -83,6 +84,8 @@ class FailureReport:
             "class_name": self.class_name,
             "failure_kind": self.failure_kind,
         }
+        if self.predicted_class is not None:
+            data["predicted_class"] = self.predicted_class
         if self.notes:
             data["notes"] = self.notes
         if self.created_at is not None:
@@ -219,6 +222,19 @@ def _text_problems(data: Any) -> list[tuple[list, str]]:
     return problems
 
 
+def _kind_problems(data: Any) -> list[tuple[list, str]]:
+    """predicted_class belongs to a misclassification (the class the detector gave instead of class_name)."""
+    if not isinstance(data, dict) or not isinstance(data.get("predicted_class"), str):
+        return []
+    kind, predicted = data.get("failure_kind"), data["predicted_class"]
+    if kind in ("false_negative", "false_positive"):
+        what = "a missed object has none" if kind == "false_negative" else "a false positive's is class_name"
+        return [(["predicted_class"], f"is only for a misclassification report ({what})")]
+    if kind == "misclassification" and predicted == data.get("class_name"):
+        return [(["predicted_class"], f"{_show(predicted)} is class_name too: a misclassification names two classes")]
+    return []
+
+
 def _uri_problems(data: Any) -> list[tuple[list, str]]:
     """frame.uri must be a local path or s3://bucket/key without '..' (objret.ingest.roots then keeps it in the lake)."""
     frame = data.get("frame") if isinstance(data, dict) else None
@@ -320,7 +336,7 @@ def validation_problems(data: Any) -> list[str]:
     for error in _validator().iter_errors(data):
         if tuple(error.absolute_path) not in skip:
             problems += _error_messages(error)
-    problems += _trailing_newline_problems(data) + _text_problems(data) + _uri_problems(data)
+    problems += _trailing_newline_problems(data) + _text_problems(data) + _uri_problems(data) + _kind_problems(data)
     problems.sort(key=lambda problem: _path_sort_key(problem[0]))  # stable: same field keeps schema order
     lines = [f"{_field_path(path)}: {message}" for path, message in problems]
     return list(dict.fromkeys(lines))  # one line per problem
@@ -345,6 +361,7 @@ def parse_report(data: dict) -> FailureReport:
         notes=data.get("notes", ""),
         created_at=data.get("created_at"),
         diffusion=data.get("mining", {}).get("diffusion"),
+        predicted_class=data.get("predicted_class"),
     )
 
 

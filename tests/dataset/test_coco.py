@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from objret import storage
-from objret.dataset.coco import MinedFrame, load_dataset, push
+from objret.dataset.coco import MinedFrame, load_dataset, push, remove_frames, report_boxes
 from objret.errors import ObjretError, StoreError
 from objret.mining.report import parse_report
 
@@ -24,7 +24,7 @@ def frame_paths(bench_dir) -> list[Path]:
     return paths
 
 
-def make_report(report_id="rep-1", class_name="person", failure_kind="false_negative"):
+def make_report(report_id="rep-1", class_name="person", failure_kind="false_negative", **extra):
     return parse_report(
         {
             "report_id": report_id,
@@ -33,6 +33,7 @@ def make_report(report_id="rep-1", class_name="person", failure_kind="false_nega
             "box": [10, 20, 30, 60],
             "class_name": class_name,
             "failure_kind": failure_kind,
+            **extra,
         }
     )
 
@@ -266,3 +267,69 @@ def test_push_and_read_back_on_s3(request, frame_paths):
     image_bytes = storage.read_bytes(f"{root}/images/{frames[0].frame_id}.jpg", endpoint_url=endpoint)
     assert image_bytes == Path(frames[0].image_uri).read_bytes()
     assert Image.open(io.BytesIO(image_bytes)).size == (640, 480)
+
+
+# --- failure kinds keep their meaning (objret.dataset.labels) ------------------------------------------------
+
+
+def test_a_false_positives_frames_go_in_as_hard_negatives_never_under_its_class(tmp_path, frame_paths):
+    """A stroller taken for a person: the frames mined for it must not teach 'person' on strollers."""
+    root = tmp_path / "ds"
+    push(str(root), make_report("missed", "person"), mined(frame_paths[:2]), PROVENANCE)
+    frames = mined(frame_paths[1:4])
+    push(str(root), make_report("stroller", "person", "false_positive"), frames, PROVENANCE)
+
+    coco = load_dataset(str(root))
+    check_valid_coco(coco)
+    assert [a["objret"]["report_id"] for a in coco["annotations"]] == ["missed", "missed"]   # none of the stroller
+    negatives = coco["hard_negatives"]
+    assert [n["objret"]["report_id"] for n in negatives] == ["stroller"] * 3
+    images = {image["id"]: image for image in coco["images"]}
+    assert [images[n["image_id"]]["frame_id"] for n in negatives] == [f.frame_id for f in frames]
+    for frame, negative in zip(frames, negatives):
+        assert "category_id" not in negative and negative["not_class"] == "person"
+        assert negative["objret"]["failure_kind"] == "false_positive" and negative["objret"]["rank"] == frame.rank
+    assert negatives[0]["bbox"] == [50.0, 40.0, 60.0, 120.0]
+    # COCO's own reader takes the dataset as it is (the hard negatives' frames are images without a box).
+    pycocotools = pytest.importorskip("pycocotools.coco")
+    api = pycocotools.COCO(str(root / "annotations.json"))
+    person = api.getCatIds(catNms=["person"])
+    assert sorted(api.getImgIds(catIds=person)) == sorted({a["image_id"] for a in coco["annotations"]})
+    assert len(api.getImgIds()) == 4
+
+    # The labeller's verdicts and a review's feedback see them like annotations.
+    assert set(report_boxes(str(root), "stroller")) == {f.frame_id for f in frames}
+    removed = remove_frames(str(root), "stroller", [frames[2].frame_id])
+    assert (removed.removed, removed.images_removed, removed.kept) == (1, 1, 2)
+    assert len(load_dataset(str(root))["hard_negatives"]) == 2
+
+
+def test_a_misclassification_is_boxed_under_the_true_class_with_what_the_detector_said(tmp_path, frame_paths):
+    root = tmp_path / "ds"
+    report = make_report("bike", "bicycle", "misclassification", predicted_class="motorcycle")
+    push(str(root), report, mined(frame_paths[:3]), PROVENANCE)
+    coco = load_dataset(str(root))
+    check_valid_coco(coco)
+    assert [c["name"] for c in coco["categories"]] == ["bicycle"]
+    assert {a["objret"]["predicted_class"] for a in coco["annotations"]} == {"motorcycle"}
+    assert "hard_negatives" not in coco   # plain COCO when there are none
+    older = make_report("old-bike", "bicycle", "misclassification")   # written before predicted_class
+    push(str(root), older, mined(frame_paths[:1]), PROVENANCE)
+    assert "predicted_class" not in load_dataset(str(root))["annotations"][-1]["objret"]
+
+
+def test_a_false_positive_boxed_under_its_class_before_moves_to_the_hard_negatives(tmp_path, frame_paths):
+    """Datasets written by an objret that boxed false positives under their class are mended by the next push."""
+    root = tmp_path / "ds"
+    frames = mined(frame_paths[:2])
+    push(str(root), make_report("stroller", "person"), frames, PROVENANCE)   # as the old rule wrote it
+    coco = load_dataset(str(root))
+    for ann in coco["annotations"]:
+        ann["objret"]["failure_kind"] = "false_positive"
+    (root / "annotations.json").write_text(json.dumps(coco))
+
+    result = push(str(root), make_report("stroller", "person", "false_positive"), frames, PROVENANCE)
+    assert (result.added, result.updated) == (0, 2)
+    coco = load_dataset(str(root))
+    assert coco["annotations"] == [] and len(coco["hard_negatives"]) == 2
+    assert push(str(root), make_report("stroller", "person", "false_positive"), frames, PROVENANCE).changed is False

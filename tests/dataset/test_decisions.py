@@ -110,6 +110,23 @@ def test_the_page_holds_everything_and_escapes_the_report(bench_dir, tmp_path):
     assert "region match" in html and "template match" in html
 
 
+@pytest.mark.parametrize("kind, extra, expected", [
+    ("false_negative", {}, "boxes of person"),
+    ("false_positive", {}, "hard negatives: not person (no box under person)"),
+    ("misclassification", {"predicted_class": "bicycle"}, "boxes of person (the detector said bicycle)"),
+])
+def test_the_page_says_what_accepted_frames_become_per_failure_kind(bench_dir, tmp_path, kind, extra, expected):
+    from objret.dataset.review_page import review_page
+
+    mined = {"report": _report(failure_kind=kind, **extra),
+             "query": {"uri": "pets.avi", "frame_id": None, "width": 768, "height": 576, "box": [516, 213, 26, 83],
+                       "image_uri": str(bench_dir / "pets09_s2l1" / "images" / "000121.jpg")},
+             "method": "fused", "provenance": {}, "mined": _pets_items(bench_dir, tmp_path)[:1]}
+    html = review_page(mined)
+    assert f"<dt>accepted frames go in as</dt><dd>{expected}</dd>" in html
+    assert ("<dt>detector said</dt><dd>bicycle</dd>" in html) == (kind == "misclassification")
+
+
 def test_malformed_decisions_are_refused_naming_the_field(tmp_path, capsys):
     from objret.dataset.decisions import DecisionsError, parse_decisions
 

@@ -90,6 +90,31 @@ def test_frame_may_carry_both_id_and_uri():
     assert (report.frame_id, report.frame_uri) == (FRAME_ID, "/data/a.jpg")
 
 
+def test_a_misclassification_names_the_class_the_detector_gave():
+    report = parse_report(with_changes(failure_kind="misclassification", class_name="bicycle",
+                                       predicted_class="motorcycle"))
+    assert (report.class_name, report.predicted_class) == ("bicycle", "motorcycle")
+    assert parse_report(report.to_dict()) == report
+    # A report written before predicted_class existed still reads.
+    older = parse_report(with_changes(failure_kind="misclassification", class_name="bicycle"))
+    assert older.predicted_class is None and "predicted_class" not in older.to_dict()
+
+
+@pytest.mark.parametrize("kind, class_name, predicted, expected", [
+    ("false_negative", "person", "car",
+     "predicted_class: is only for a misclassification report (a missed object has none)"),
+    ("false_positive", "person", "stroller",
+     "predicted_class: is only for a misclassification report (a false positive's is class_name)"),
+    ("misclassification", "bicycle", "bicycle",
+     "predicted_class: 'bicycle' is class_name too: a misclassification names two classes"),
+    ("misclassification", "bicycle", "",
+     "predicted_class: must not be empty"),
+])
+def test_predicted_class_that_does_not_fit_the_kind_is_refused(kind, class_name, predicted, expected):
+    problems = problems_of(with_changes(failure_kind=kind, class_name=class_name, predicted_class=predicted))
+    assert problems == [expected]
+
+
 # --- one problem, one message ------------------------------------------------------------------------
 
 

@@ -71,16 +71,20 @@ def valid_reports(draw) -> dict:
                 "mining": st.fixed_dictionaries({"diffusion": st.booleans()})}
     for key in sorted(draw(st.sets(st.sampled_from(sorted(optional))))):   # sorted: a set's order varies by run
         report[key] = draw(optional[key])
+    if report["failure_kind"] == "misclassification" and draw(st.booleans()):   # the class the detector gave
+        report["predicted_class"] = draw(st.text(printable, min_size=1, max_size=100)
+                                         .filter(lambda name: name != report["class_name"]))
     return report
 
 
 # ---- mutations: (category, JSON data or raw bytes, the field a rejection must name) --------------------------
 
 FIELDS = ["report_id", "detector", "detector.name", "detector.version", "frame", "frame.frame_id", "frame.uri",
-          "frame.frame_index", "box", "box[0]", "box[1]", "box[2]", "box[3]", "class_name", "failure_kind", "notes",
-          "created_at", "mining", "mining.diffusion"]
+          "frame.frame_index", "box", "box[0]", "box[1]", "box[2]", "box[3]", "class_name", "predicted_class",
+          "failure_kind", "notes", "created_at", "mining", "mining.diffusion"]
 TEXT_LIMITS = {"report_id": 128, "detector.name": 200, "detector.version": 200, "frame.uri": 2048,
-               "class_name": 100, "notes": 10000, "frame.frame_id": 64, "created_at": 40, "failure_kind": 20}
+               "class_name": 100, "predicted_class": 100, "notes": 10000, "frame.frame_id": 64, "created_at": 40,
+               "failure_kind": 20}
 HOSTILE_PATHS = ["../../etc/passwd", "/etc/passwd", "file:///etc/passwd", "s3://other-bucket/../x",
                  "\\\\server\\share", "a\x00b.jpg", "/etc/passwd\x00.jpg", "images/../../etc/shadow",
                  "s3://lake/cams/../../secret.jpg", "s3://lake/./x.jpg", "s3:///etc/passwd", "s3://", "s3://bucket",
@@ -327,7 +331,7 @@ def test_generated_reports_are_rejected_by_field_or_accepted_and_valid(tmp_path,
     # nullable): whatever the draws above hit, every field's own check is exercised.
     full = {"report_id": "r1", "detector": {"name": "d", "version": "1"},
             "frame": {"frame_id": "a" * 64, "uri": "cam/clip.mp4", "frame_index": 3}, "box": [1, 2, 3, 4],
-            "class_name": "person", "failure_kind": "false_negative", "notes": "n",
+            "class_name": "person", "predicted_class": "bicycle", "failure_kind": "misclassification", "notes": "n",
             "created_at": "2024-05-01T12:00:00Z", "mining": {"diffusion": True}}
     check(("valid", full, []))
     for field in FIELDS:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 # Telemetry off and a start-up timeout that a loaded 2-core machine meets; before Prefect/MLflow are imported.
 for _key, _value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "1",
+                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "1", "FIFTYONE_DO_NOT_TRACK": "true",
                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
     os.environ.setdefault(_key, _value)
 
 from objret.errors import ObjretError, ReportError  # noqa: E402
+from objret.dataset.exports import FORMATS as EXPORT_FORMATS  # noqa: E402  (no heavy imports: the CLI starts fast)
 
 
 def _frames_judged(text: str) -> int:
@@ -97,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "when it is not in the local cache)")
     v.add_argument("md5", help="the version's DVC md5 (a unique prefix is enough)")
     _common(v)
+    v = dataset_sub.add_parser("export", help="write a dataset version in a labelling or training tool's import "
+                                                "format (frames rejected in review are left out)")
+    v.add_argument("--format", required=True, choices=list(EXPORT_FORMATS),
+                   help="coco: annotations.json + images/; yolo: data.yaml, images/, labels/; label-studio: "
+                        "tasks.json with predictions + label_config.xml; cvat: a COCO 1.0 archive; fiftyone: a "
+                        "FiftyOne dataset folder (needs objret[fiftyone])")
+    v.add_argument("--out", required=True, help="a folder or an s3:// prefix")
+    v.add_argument("--version", help="the version's number or DVC md5 prefix (default: the current one)")
+    _common(v)
+
+    p = sub.add_parser("fiftyone", help="load a report's mining run (query, mined frames, boxes, heat maps) into a "
+                                         "FiftyOne dataset and say how to open it in the App (needs objret[fiftyone])")
+    p.add_argument("report_id", help="the report whose last mining run to load")
+    _common(p)
 
     p = sub.add_parser("review", help="reviews of mining runs (the review page each run writes)")
     review_sub = p.add_subparsers(dest="review_command", required=True)
@@ -287,12 +302,52 @@ def _report_status(args) -> int:
 
 
 def cmd_dataset(args) -> int:
+    if args.dataset_command == "export":
+        return _export_dataset(args)
     registry = _workspace(args).dataset_registry
     if args.dataset_command == "checkout":
         print(f"dataset version {args.md5} checked out in {registry.checkout(args.md5)}")
         return 0
     for v in registry.versions():
         print(f"{v['number']:>5}  {v['md5']}  {v['at']}  report {v.get('report_id', '')}")
+    return 0
+
+
+# How each export is opened by the tool it is for (printed after the export).
+EXPORT_HOW_TO = {
+    "coco": "COCO readers (pycocotools, torchvision, Detectron2) open {main}; images/ beside it",
+    "yolo": "train on it: yolo detect train data={main}",
+    "label-studio": "Label Studio: create a project with label_config.xml as its labelling interface, import {main}; "
+                    "local images are served with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
+                    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={out}",
+    "cvat": "CVAT: Import dataset (or Upload annotations) with format COCO 1.0: {main}",
+    "fiftyone": "python -c \"import fiftyone as fo; ds = fo.Dataset.from_dir('{folder}', "
+                "dataset_type=fo.types.FiftyOneDataset); fo.launch_app(ds).wait()\"",
+}
+
+
+def _export_dataset(args) -> int:
+    from objret import storage
+    from objret.steps.dataset import export_dataset
+
+    out = args.out if storage.is_s3(args.out) else str(Path(args.out).resolve())
+    r = export_dataset(_workspace(args), args.format, out, args.version)
+    print(f"exported dataset version {r.version['number']} ({r.version['md5']}) as {r.format}: {r.frames} frames, "
+          f"{r.boxes} boxes, {r.hard_negatives} hard negatives"
+          + (f"; {r.rejected_left_out} boxes left out (rejected in review)" if r.rejected_left_out else ""))
+    print(f"  {r.main_uri}")
+    print("  " + EXPORT_HOW_TO[r.format].format(main=r.main_uri, out=out, folder=r.main_uri.rsplit("/", 1)[0]))
+    return 0
+
+
+def cmd_fiftyone(args) -> int:
+    from objret.steps.dataset import mining_run_in_fiftyone
+
+    dataset = mining_run_in_fiftyone(_workspace(args), args.report_id)
+    print(f"FiftyOne dataset {dataset.name}: the query and {len(dataset) - 1} mined frames, with boxes "
+          f"(field mined{', hard negatives: hard_negatives' if dataset.count('hard_negatives.detections') else ''}) "
+          f"and heat maps (field heatmap)")
+    print(f"  open it: fiftyone app launch {dataset.name}")
     return 0
 
 
@@ -375,7 +430,7 @@ def cmd_tracking_server(args) -> int:
 
 COMMANDS = {"build-index": cmd_build_index, "graph": cmd_graph, "mine": cmd_mine, "eval": cmd_eval, "demo": cmd_demo,
             "report": cmd_report, "ui": cmd_ui, "tracking-server": cmd_tracking_server, "serve": cmd_serve,
-            "dataset": cmd_dataset, "review": cmd_review}
+            "dataset": cmd_dataset, "review": cmd_review, "fiftyone": cmd_fiftyone}
 
 
 def main(argv: list[str] | None = None) -> int:

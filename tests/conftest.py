@@ -16,7 +16,7 @@ import dvc  # noqa: E402,F401
 
 from tests.fixtures.data import bench_dir, real_bench, tud_campus_bench  # noqa: E402,F401
 from tests.fixtures.services import (  # noqa: E402,F401
-    faulty_s3, faulty_s3_server, mlflow_server, prefect_api, prefect_server, s3_server, s3_store,
+    faulty_s3, faulty_s3_server, fiftyone_db, mlflow_server, prefect_api, prefect_server, s3_server, s3_store,
     start_tracking_server,
 )
 

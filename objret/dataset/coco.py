@@ -106,7 +106,7 @@ def _read_annotations(root: str, endpoint_url: str | None) -> bytes | None:
     return storage.read_bytes(uri, endpoint_url)
 
 
-def _parse_annotations(data: bytes, uri: str) -> dict:
+def parse_annotations(data: bytes, uri: str) -> dict:
     try:
         coco = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -125,7 +125,7 @@ def load_dataset(root: str, endpoint_url: str | None = None) -> dict:
     data = _read_annotations(str(root), endpoint_url)
     if data is None:
         return empty_dataset()
-    return _parse_annotations(data, storage.join(str(root), ANNOTATIONS_FILE))
+    return parse_annotations(data, storage.join(str(root), ANNOTATIONS_FILE))
 
 
 def _plain(value: Any, digits: int = 6) -> Any:
@@ -251,7 +251,7 @@ def push(
     root = str(root)
     annotations_uri = storage.join(root, ANNOTATIONS_FILE)
     old_bytes = _read_annotations(root, endpoint_url)
-    coco = _parse_annotations(old_bytes, annotations_uri) if old_bytes is not None else empty_dataset()
+    coco = parse_annotations(old_bytes, annotations_uri) if old_bytes is not None else empty_dataset()
 
     images_by_frame = {image["frame_id"]: image for image in coco["images"] if "frame_id" in image}
     frame_of_image = {image["id"]: image.get("frame_id") for image in coco["images"]}
@@ -371,7 +371,7 @@ def remove_frames(root: str, report_id: str, frame_ids, *, endpoint_url: str | N
     old_bytes = _read_annotations(root, endpoint_url)
     if old_bytes is None:
         raise ObjretError(f"no retraining dataset at {root} ({ANNOTATIONS_FILE} is missing): mine a report first")
-    coco = _parse_annotations(old_bytes, annotations_uri)
+    coco = parse_annotations(old_bytes, annotations_uri)
     frame_of_image = {image["id"]: image.get("frame_id") for image in coco["images"]}
     drop = set(frame_ids)
 
@@ -408,7 +408,7 @@ def report_boxes(root: str, report_id: str, endpoint_url: str | None = None) -> 
     data = _read_annotations(str(root), endpoint_url)
     if data is None:
         return {}
-    coco = _parse_annotations(data, storage.join(str(root), ANNOTATIONS_FILE))
+    coco = parse_annotations(data, storage.join(str(root), ANNOTATIONS_FILE))
     frame_of_image = {image["id"]: image.get("frame_id") for image in coco["images"]}
     return {frame_of_image[a["image_id"]]: tuple(float(v) for v in a["bbox"]) for a in report_entries(coco)
             if isinstance(a.get("objret"), dict) and a["objret"].get("report_id") == report_id

@@ -122,34 +122,77 @@ class DatasetRegistry:
         """Send every version the remote lacks (those made while it was unreachable too), oldest first."""
         record = self.root / "pushed.json"
         pushed = set(json.loads(record.read_text())) if record.exists() else set()
-        current = self.root / f"{DATASET_NAME}.dvc"
-        current_bytes = current.read_bytes()
-        try:
-            for version in self.versions():
-                if version["md5"] in pushed:
-                    continue
-                # A .dvc file names the objects to send; they come from the cache, whatever the folder holds.
-                storage.write_bytes(str(current), (self.root / version["dvc_file"]).read_bytes())   # atomic
+        for version in self.versions():
+            if version["md5"] in pushed:
+                continue
+            # A .dvc file names the objects to send; they come from the cache, whatever the folder holds.
+            with self._named_current(version) as current:
                 try:
-                    repo.push(targets=[str(current)], remote=REMOTE_NAME)
+                    repo.push(targets=[current], remote=REMOTE_NAME)
                 except Exception as exc:   # dvc wraps the store's errors in its own types
                     raise StoreError(f"dataset version {version['md5']} is saved locally in {self.root} but could "
                                      f"not be sent to the DVC remote {self.remote} (the next push sends it): "
                                      f"{type(exc).__name__}: {exc}") from exc
-                pushed.add(version["md5"])
-                storage.write_bytes(str(record), json.dumps(sorted(pushed)).encode())
+            pushed.add(version["md5"])
+            storage.write_bytes(str(record), json.dumps(sorted(pushed)).encode())
+        return True
+
+    @contextlib.contextmanager
+    def _named_current(self, version: dict):
+        """retraining.dvc names ``version`` for the duration (DVC's push and fetch take .dvc files as targets;
+        the versions' own files are dvcignored records), then is put back as it was."""
+        current = self.root / f"{DATASET_NAME}.dvc"
+        current_bytes = current.read_bytes()
+        try:
+            storage.write_bytes(str(current), (self.root / version["dvc_file"]).read_bytes())   # atomic
+            yield str(current)
         finally:
             storage.write_bytes(str(current), current_bytes)
-        return True
+
+    def find_version(self, ref: str | None = None) -> dict:
+        """A version by number ("3") or md5 prefix; the current one when ``ref`` is None."""
+        versions = self.versions()
+        if ref is None:
+            ref = self.current_md5()
+            if ref is None:
+                raise ObjretError(f"the dataset registry at {self.root} has no version yet: mine a report first")
+        match = [v for v in versions if str(v["number"]) == ref] or [v for v in versions if v["md5"].startswith(ref)]
+        if len(match) != 1:
+            raise ObjretError(f"{'no' if not match else 'more than one'} dataset version matches {ref!r} in "
+                              f"{self.root} (objret dataset versions lists them)")
+        return match[0]
+
+    def version_files(self, version: dict) -> dict[str, Path]:
+        """Every file of ``version`` (path in the dataset folder -> its file in the DVC cache), read in place: the
+        working copy is left alone. Objects the cache lacks are fetched from the remote first."""
+        with self._repo() as repo:
+            cache = repo.cache.local
+
+            def manifest() -> list[dict] | None:
+                path = Path(cache.oid_to_path(version["md5"] + ".dir"))
+                return json.loads(path.read_text()) if path.is_file() else None
+
+            entries = manifest()
+            if entries is None or not all(Path(cache.oid_to_path(e["md5"])).is_file() for e in entries):
+                if not self.remote:
+                    raise ObjretError(f"dataset version {version['number']} ({version['md5']}) is not in the DVC "
+                                      f"cache of {self.root} and no DVC remote is set (dataset.dvc_remote)")
+                with self.lock(), self._named_current(version) as current:
+                    try:
+                        repo.fetch(targets=[current], remote=REMOTE_NAME)
+                    except Exception as exc:   # dvc wraps the store's errors in its own types
+                        raise StoreError(f"cannot fetch dataset version {version['md5']} from the DVC remote "
+                                         f"{self.remote}: {type(exc).__name__}: {exc}") from exc
+                entries = manifest()
+            if entries is None:
+                raise StoreError(f"dataset version {version['md5']} is not on the DVC remote {self.remote} either")
+            return {e["relpath"]: Path(cache.oid_to_path(e["md5"])) for e in entries}
 
     def checkout(self, md5: str) -> Path:
         """Bring the dataset folder back to version ``md5`` (pulled from the remote when not in the cache)."""
-        match = [v for v in self.versions() if v["md5"].startswith(md5)]
-        if len(match) != 1:
-            raise ObjretError(f"{'no' if not match else 'more than one'} dataset version matches {md5!r} in "
-                              f"{self.root} (versions.jsonl lists them)")
+        version = self.find_version(md5)
         with self.lock(), self._repo() as repo:
-            storage.write_bytes(str(self.root / f"{DATASET_NAME}.dvc"), (self.root / match[0]["dvc_file"]).read_bytes())
+            storage.write_bytes(str(self.root / f"{DATASET_NAME}.dvc"), (self.root / version["dvc_file"]).read_bytes())
             target = str(self.root / f"{DATASET_NAME}.dvc")
             if self.remote:
                 repo.pull(targets=[target], remote=REMOTE_NAME, force=True)

@@ -1,15 +1,18 @@
-"""Dataset steps: mined frames pushed to the retraining dataset (versioned, published); review decisions applied."""
+"""Dataset steps: mined frames pushed to the retraining dataset (versioned, published); review decisions applied;
+versions exported for labelling and training tools."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 from objret import storage
-from objret.dataset.coco import ANNOTATIONS_FILE, MinedFrame, PushResult, publish, push
-from objret.dataset.decisions import ApplyResult, Decisions, apply_decisions, rejected_frames
+from objret.dataset.coco import ANNOTATIONS_FILE, MinedFrame, PushResult, parse_annotations, publish, push
+from objret.dataset.decisions import ApplyResult, Decisions, apply_decisions, rejected_frames, rejections
+from objret.dataset.exports import ExportResult, export, take_snapshot
 from objret.dataset.review_page import write_review_page
-from objret.errors import StoreError
+from objret.errors import ObjretError, StoreError
 from objret.mining.report import FailureReport
 from objret.steps.mine import MiningOutcome
 from objret.steps.workspace import Workspace
@@ -77,3 +80,35 @@ def apply_review(ws: Workspace, decisions: Decisions) -> ApplyResult:
             result = replace(result, root=ws.dataset_root)
     return replace(result, dvc_md5=version.md5, dvc_version=version.number, dvc_file=version.dvc_file,
                    dvc_pushed=version.pushed)
+
+
+def export_dataset(ws: Workspace, fmt: str, out: str, version: str | None = None) -> ExportResult:
+    """A dataset version (number or md5 prefix; default the current one) exported to ``out`` in ``fmt``
+    (objret.dataset.exports). Frames a review rejected are left out, by the verdicts as they stand now."""
+    registry = ws.dataset_registry
+    entry = registry.find_version(version)
+    files = registry.version_files(entry)
+    if ANNOTATIONS_FILE not in files:
+        raise StoreError(f"dataset version {entry['number']} ({entry['md5']}) holds no {ANNOTATIONS_FILE}")
+    coco = parse_annotations(files[ANNOTATIONS_FILE].read_bytes(), f"dataset version {entry['md5']}")
+
+    def read_image(image: dict) -> bytes:
+        name = image["file_name"]
+        if name in files:   # copied into the dataset (dataset.copy_frames)
+            return files[name].read_bytes()
+        return storage.read_bytes(name, ws.s3_endpoint_url)   # the lake's own file
+
+    rejected = rejections(str(registry.dataset_dir))
+    snapshot = take_snapshot(coco, {"number": entry["number"], "md5": entry["md5"]}, rejected, read_image)
+    return export(snapshot, fmt, out, ws.s3_endpoint_url)
+
+
+def mining_run_in_fiftyone(ws: Workspace, report_id: str):
+    """The last mining run of ``report_id`` loaded into the FiftyOne dataset ``objret-mine-<report_id>``."""
+    from objret.dataset.exports.fiftyone_dataset import mining_run_dataset
+
+    mined_json = ws.run_path(f"mine-{report_id}") / "mined.json"
+    if not mined_json.is_file():
+        raise ObjretError(f"no mining run of report {report_id!r} in {mined_json.parent.parent}: objret mine it first")
+    run = json.loads(mined_json.read_text())
+    return mining_run_dataset(run, f"objret-mine-{report_id}")

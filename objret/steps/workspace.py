@@ -92,13 +92,17 @@ class Workspace:
         """The region graph of the current region index: the same sub-path under ``graph/`` as under ``index/``."""
         return self.root / "graph" / self.current_index_dir().relative_to(self.root / "index")
 
-    def run_dir(self, name: str) -> Path:
+    def run_path(self, name: str) -> Path:
+        """The run folder ``name`` (not created)."""
         from objret.errors import ObjretError
 
         # Names come from report ids (schema-checked file names): anything that could climb out is refused.
         if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
             raise ObjretError(f"{name!r} cannot name a run folder")
-        path = self.root / "runs" / name
+        return self.root / "runs" / name
+
+    def run_dir(self, name: str) -> Path:
+        path = self.run_path(name)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -115,6 +115,42 @@ def test_mine_flow_pushes_boxes_and_records_the_run(built, bench_dir, tmp_path):
     assert again["dataset"]["dvc_md5"] == result["dataset"]["dvc_md5"]   # no new version
 
 
+def test_a_mining_run_opens_in_fiftyone_with_query_boxes_and_heat_maps(built, bench_dir, tmp_path, fiftyone_db,
+                                                                       capsys):
+    from flows.cli import main
+
+    fo = fiftyone_db
+    workdir, _ = built
+    mined_json = workdir / "runs" / "mine-flow-test-1" / "mined.json"
+    if not mined_json.is_file():   # run on its own: mine the report first
+        test_mine_flow_pushes_boxes_and_records_the_run(built, bench_dir, tmp_path)
+    run = json.loads(mined_json.read_text())
+    args = ["--workdir", str(workdir), *[a for o in SMALL for a in ("--set", o)]]
+    assert main(["fiftyone", "flow-test-1", *args]) == 0
+    out = capsys.readouterr().out
+    assert "FiftyOne dataset objret-mine-flow-test-1: the query and 5 mined frames" in out
+    assert "fiftyone app launch objret-mine-flow-test-1" in out
+
+    dataset = fo.load_dataset("objret-mine-flow-test-1")   # read back through the FiftyOne API
+    query = dataset.match_tags("query").first()
+    [query_box] = query.mined.detections
+    assert query_box.label == "person" and query.filepath == run["query"]["image_uri"]
+    mined = dataset.match_tags("mined").sort_by("rank")
+    assert len(mined) == 5 and mined.values("frame_id") == [m["frame_id"] for m in run["mined"]]
+    for sample, item in zip(mined, run["mined"]):
+        [box] = sample.mined.detections
+        x, y, w, h = item["box"]
+        assert box.bounding_box == pytest.approx([x / item["width"], y / item["height"], w / item["width"],
+                                                  h / item["height"]])
+        assert (box.rank, box.report_id, box.confidence) == (item["rank"], "flow-test-1", pytest.approx(item["score"]))
+        assert sample.heatmap.map_path == item["heatmap"] and Path(sample.heatmap.map_path).is_file()
+    # Loading again replaces the dataset, never duplicates it.
+    assert main(["fiftyone", "flow-test-1", *args]) == 0
+    assert len(fo.load_dataset("objret-mine-flow-test-1")) == 6
+    assert main(["fiftyone", "no-such-report", *args]) == 1
+    assert "no mining run of report 'no-such-report'" in capsys.readouterr().err
+
+
 def test_mine_flow_rejects_a_malformed_report_before_any_work(built, tmp_path):
     from flows.mine import mine_flow
     from objret.errors import ReportError

@@ -10,8 +10,8 @@ from pathlib import Path
 
 # Telemetry off and a start-up timeout that a loaded 2-core machine meets; before Prefect/MLflow are imported.
 for _key, _value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "1", "FIFTYONE_DO_NOT_TRACK": "true",
-                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
+                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "1",
+                     "FIFTYONE_DO_NOT_TRACK": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
     os.environ.setdefault(_key, _value)
 
 from objret.errors import ObjretError, ReportError  # noqa: E402
@@ -390,14 +390,32 @@ def cmd_ui(args) -> int:
 
     ws = Workspace(load_params(args.params, args.overrides), args.workdir)
     if ws.tracking_uri.startswith(("http://", "https://")):   # a tracking server serves its own UI
-        print(f"the runs are on the tracking server: open {ws.tracking_uri}")
+        print(f"the runs are on the tracking server: open {ui_url(ws, ws.tracking_uri)}")
         return 0
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.tracking_uri,
                "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")   # as for tracking-server
-    print(" ".join(command), flush=True)
+    print(" ".join(command))
+    print(f"open {ui_url(ws, f'http://127.0.0.1:{args.port}')}", flush=True)
     os.execv(sys.executable, command)
     return 0
+
+
+def ui_url(ws, base: str) -> str:
+    """Where the UI shows the experiment's runs with objret's columns (tasks.tracking.runs_view); the UI's home
+    until a flow has made the experiment."""
+    import mlflow
+
+    from tasks.tracking import runs_view_url
+
+    # One quick try: a server that does not answer gets its home URL, not a minute of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    try:
+        experiment = mlflow.MlflowClient(ws.tracking_uri).get_experiment_by_name(ws.params.tracking.experiment)
+    except Exception:   # unreachable or refusing: the UI's home still opens
+        experiment = None
+    return runs_view_url(base, experiment.experiment_id) if experiment else base
 
 
 def tracking_server_command(args) -> tuple[list[str], str]:

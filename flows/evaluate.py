@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from objret import storage
 from objret.config import load_params
-from objret.eval.bench import load_bench
+from objret.eval.bench import bench_digest, load_bench
 from objret.eval.heldout import as_overrides, held_out_table, leave_one_set_out, tune_grid
 from objret.eval.metrics import compare_table, flat_metrics, format_table, recall_curve, summary_metrics
 from objret.eval.plots import draw, plot_data
@@ -20,7 +20,7 @@ from objret.eval.run import bench_frame_ids, evaluate_methods, gallery_entries
 from objret.steps.mine import load_search, query_ranker
 from objret.steps.workspace import Workspace
 from tasks import steps
-from tasks.tracking import log_metrics, mlflow_run
+from tasks.tracking import log_dataset_input, log_metrics, mlflow_run
 
 
 def beside(results: str, suffix: str) -> str:
@@ -53,6 +53,9 @@ def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None
     bench = load_bench(bench_dir)
     methods = methods or [ws.params.mining.method, "gem"]
     with mlflow_run(ws, f"eval {Path(bench_dir).name}", {"flow": "evaluate", "bench": str(bench_dir)}):
+        # Lineage: the bench these figures were scored on.
+        log_dataset_input(Path(bench_dir).resolve().name, bench_digest(bench), str(Path(bench_dir).resolve()),
+                          "evaluation", {"queries": len(bench.queries), "sets": ",".join(bench.sets)})
         steps.ingest(ws, [str(Path(bench_dir, s).resolve()) for s in bench.sets])
         steps.features(ws)
         steps.regions(ws)

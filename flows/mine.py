@@ -9,7 +9,8 @@ from objret.config import load_params
 from objret.mining.report import load_report
 from objret.steps.workspace import Workspace
 from tasks import steps
-from tasks.tracking import mlflow_run
+from objret.dataset.registry import DATASET_NAME
+from tasks.tracking import log_dataset_input, mlflow_run
 
 
 @flow(name="mine", log_prints=True)
@@ -23,6 +24,10 @@ def mine_flow(report_path: str, params_path: str | None = None, overrides: list[
         mlflow.set_tags({"index_version": outcome.provenance["index_version"], "dataset_version": pushed["version"],
                          "dataset_dvc_md5": pushed["dvc_md5"], "dataset_dvc_version": pushed["dvc_version"]})
         mlflow.log_artifact(pushed["dvc_file"], "dataset")   # `dvc checkout` / `dvc pull` with it restores the dataset
+        # Lineage: the dataset version this run made, by its DVC md5, where DVC keeps it (remote, else registry).
+        registry = ws.dataset_registry
+        log_dataset_input(DATASET_NAME, pushed["dvc_md5"], registry.remote or str(registry.root), "mined_into",
+                          {"dvc_version": pushed["dvc_version"], "annotations_sha": pushed["version"]})
         mlflow.log_artifact(outcome.mined_json)
         mlflow.log_artifact(outcome.contact_sheet)
         mlflow.log_dict(report.to_dict(), "report.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -50,13 +51,43 @@ def run_tags(ws: Workspace) -> dict:
             "index_version": "none", "dvc_lock_hash": dvc_lock_hash()}
 
 
-def _experiment(name: str, tracking_uri: str, artifact_root: str) -> None:
-    if mlflow.get_experiment_by_name(name) is not None:
+# MLflow 3 opens an experiment of no kind on its GenAI "Traces" overview; a model-training one opens on its runs.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+# The runs table's columns, as a view the UI loads from the experiment's tags (its "share view" mechanism): the
+# URL runs_view_url() names shows the key figures beside each run's dataset.
+VIEW_KEY = "objret"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+
+
+def runs_view(method: str) -> dict:
+    """Mining runs: report, mined frames, dataset version; eval runs: the default method's headline figures."""
+    metric = lambda name: f"metrics.`{name}`"   # noqa: E731  (the UI's column keys)
+    return {"selectedColumns": ["attributes.`Dataset`", "tags.`flow`", "tags.`report_id`", metric("mined"),
+                                "tags.`dataset_dvc_version`", metric(f"{method}.class_mAP"),
+                                metric(f"{method}.paste_visible_mAP"), metric(f"{method}.paste_visible_Loc10"),
+                                metric(f"{method}.instance_Loc10"), "attributes.`Duration`"],
+            "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def experiment_tags(method: str) -> dict:
+    return {EXPERIMENT_KIND: "custom_model_development", VIEW_TAG: json.dumps(runs_view(method))}
+
+
+def runs_view_url(ui_url: str, experiment_id: str) -> str:
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}?viewStateShareKey={VIEW_KEY}"
+
+
+def _experiment(name: str, tracking_uri: str, artifact_root: str, tags: dict) -> None:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        for key, value in tags.items():   # an experiment an older objret (or another method) made
+            if experiment.tags.get(key) != value:
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return
     # A local store keeps artifacts in the work folder; a server uses its own (proxied) artifact store.
     artifact_location = None if tracking_uri.startswith(SERVER_SCHEMES) else artifact_root
     try:
-        mlflow.create_experiment(name, artifact_location=artifact_location)
+        mlflow.create_experiment(name, artifact_location=artifact_location, tags=tags)
     except MlflowException:
         if mlflow.get_experiment_by_name(name) is None:   # not another flow creating it at the same time
             raise
@@ -84,7 +115,7 @@ def mlflow_run(ws: Workspace, run_name: str, tags: dict | None = None):
     uri = ws.tracking_uri
     with _tracking_uri(uri):
         name = ws.params.tracking.experiment
-        _experiment(name, uri, ws.artifact_root)
+        _experiment(name, uri, ws.artifact_root, experiment_tags(ws.params.mining.method))
         mlflow.set_experiment(name)
         with mlflow.start_run(run_name=run_name, tags={**run_tags(ws), **(tags or {})}) as run:
             params = _flatten("", ws.params.to_dict(), {})
@@ -108,3 +139,18 @@ def set_tags(tags: dict) -> None:
 
 def run_url(run) -> str:
     return f"experiment {run.info.experiment_id}, run {run.info.run_id}"
+
+
+def log_dataset_input(name: str, digest: str, source_uri: str, context: str, tags: dict | None = None) -> None:
+    """Record a dataset as an input of the active run (MLflow's dataset panel and the runs table's Dataset
+    column): its name, digest and where it lives. Only the reference is logged, never the data."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():   # a local path matches two equivalent local source types; either is right
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(source_uri)
+    mlflow.log_input(MetaDataset(source, name=name, digest=digest), context=context,
+                     tags={k: str(v) for k, v in (tags or {}).items()})

@@ -70,7 +70,7 @@ def test_modules_stay_small(module):
 
 
 # Test files named for what they exercise across modules rather than for one module.
-ACROSS_MODULES = {"dataset/test_concurrent_push", "mining/test_report_properties", "steps/test_crash_safety",
+ACROSS_MODULES = {"dataset/test_concurrent_push", "dataset/test_exports", "mining/test_report_properties", "steps/test_crash_safety",
                   "mining/test_methods_registry",
                   "eval/test_quality_gate"}
 

@@ -99,7 +99,7 @@ def dataset_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
-def _read_annotations(root: str, endpoint_url: str | None) -> bytes | None:
+def read_annotations(root: str, endpoint_url: str | None) -> bytes | None:
     uri = storage.join(root, ANNOTATIONS_FILE)
     if not storage.exists(uri, endpoint_url):
         return None
@@ -122,7 +122,7 @@ def parse_annotations(data: bytes, uri: str) -> dict:
 
 def load_dataset(root: str, endpoint_url: str | None = None) -> dict:
     """The dataset's COCO dict; an empty skeleton when nothing has been pushed to ``root`` yet."""
-    data = _read_annotations(str(root), endpoint_url)
+    data = read_annotations(str(root), endpoint_url)
     if data is None:
         return empty_dataset()
     return parse_annotations(data, storage.join(str(root), ANNOTATIONS_FILE))
@@ -250,7 +250,7 @@ def push(
     """
     root = str(root)
     annotations_uri = storage.join(root, ANNOTATIONS_FILE)
-    old_bytes = _read_annotations(root, endpoint_url)
+    old_bytes = read_annotations(root, endpoint_url)
     coco = parse_annotations(old_bytes, annotations_uri) if old_bytes is not None else empty_dataset()
 
     images_by_frame = {image["frame_id"]: image for image in coco["images"] if "frame_id" in image}
@@ -324,16 +324,10 @@ def push(
             updated += 1
 
     if added or updated:
+        # parent_version: the version this push built on (its own version would have to hash itself).
         coco["info"]["pushes"].append(
-            {
-                "report_id": report.report_id,
-                "frames": len(frames),
-                "added": added,
-                "updated": updated,
-                # The version this push built on (its own version would have to hash itself).
-                "parent_version": dataset_version(old_bytes) if old_bytes is not None else None,
-            }
-        )
+            {"report_id": report.report_id, "frames": len(frames), "added": added, "updated": updated,
+             "parent_version": dataset_version(old_bytes) if old_bytes is not None else None})
 
     new_bytes = dataset_bytes(coco)
     changed = new_bytes != old_bytes
@@ -368,7 +362,7 @@ def remove_frames(root: str, report_id: str, frame_ids, *, endpoint_url: str | N
     a removal that dies half-way leaves unused files, never an annotation without its image."""
     root = str(root)
     annotations_uri = storage.join(root, ANNOTATIONS_FILE)
-    old_bytes = _read_annotations(root, endpoint_url)
+    old_bytes = read_annotations(root, endpoint_url)
     if old_bytes is None:
         raise ObjretError(f"no retraining dataset at {root} ({ANNOTATIONS_FILE} is missing): mine a report first")
     coco = parse_annotations(old_bytes, annotations_uri)
@@ -405,7 +399,7 @@ def remove_frames(root: str, report_id: str, frame_ids, *, endpoint_url: str | N
 
 def report_boxes(root: str, report_id: str, endpoint_url: str | None = None) -> dict[str, tuple[float, ...]]:
     """The boxes of ``report_id``'s annotations in the dataset at ``root``: frame id -> [x, y, w, h] pixels."""
-    data = _read_annotations(str(root), endpoint_url)
+    data = read_annotations(str(root), endpoint_url)
     if data is None:
         return {}
     coco = parse_annotations(data, storage.join(str(root), ANNOTATIONS_FILE))
@@ -413,30 +407,3 @@ def report_boxes(root: str, report_id: str, endpoint_url: str | None = None) -> 
     return {frame_of_image[a["image_id"]]: tuple(float(v) for v in a["bbox"]) for a in report_entries(coco)
             if isinstance(a.get("objret"), dict) and a["objret"].get("report_id") == report_id
             and frame_of_image.get(a["image_id"])}
-
-
-def publish(source_root: str, dest_root: str, endpoint_url: str | None = None) -> int:
-    """Copy the dataset at ``source_root`` (a folder) to ``dest_root`` (a folder or S3 prefix): the images it
-    lacks first, annotations.json last, so readers there see the old version or the new one, never half of one.
-    A publish that failed (store down) is completed by the next. Returns the number of files written."""
-    source_images = storage.join(source_root, IMAGES_FOLDER)
-    local = storage.list_uris(source_images) if os.path.isdir(source_images) else []
-    dest_images = storage.join(dest_root, IMAGES_FOLDER)
-    try:
-        present = {uri.rsplit("/", 1)[-1] for uri in storage.list_uris(dest_images, endpoint_url)}
-    except StoreError:
-        if storage.is_s3(dest_root):
-            raise
-        present = set()   # a local destination not made yet
-    written = 0
-    for uri in local:
-        name = os.path.basename(uri)
-        if name not in present:   # images are named by frame id and never change
-            storage.write_bytes(storage.join(dest_images, name), storage.read_bytes(uri), endpoint_url)
-            written += 1
-    annotations = storage.read_bytes(storage.join(source_root, ANNOTATIONS_FILE))
-    dest_annotations = storage.join(dest_root, ANNOTATIONS_FILE)
-    if _read_annotations(dest_root, endpoint_url) != annotations:
-        storage.write_bytes(dest_annotations, annotations, endpoint_url)   # the commit point
-        written += 1
-    return written

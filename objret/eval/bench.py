@@ -19,6 +19,7 @@ The positives and junk rules follow the README (and ``check_bench.py``, the refe
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,3 +260,12 @@ def load_bench(root: str | Path) -> Bench:
             raise ObjretError(f"{queries_path}: duplicate query id {q.id}")
         seen.add(q.id)
     return Bench(root=root, sets=sets, images=images, queries=queries, _index=index)
+
+
+def bench_digest(bench: Bench) -> str:
+    """A short content hash of what the bench scores against: its query list and each set's annotations
+    (the images are named by those files, and hashing them would read the whole bench)."""
+    digest = hashlib.sha256()
+    for path in [bench.root / "queries.json", *(bench.root / name / "annotations.json" for name in bench.sets)]:
+        digest.update(path.relative_to(bench.root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -69,29 +69,17 @@ class FailureReport:
 
     def to_dict(self) -> dict:
         """The report as schema-valid JSON data (``parse_report(r.to_dict()) == r``)."""
-        frame: dict[str, Any] = {}
-        if self.frame_id is not None:
-            frame["frame_id"] = self.frame_id
-        if self.frame_uri is not None:
-            frame["uri"] = self.frame_uri
-        if self.frame_index is not None:
-            frame["frame_index"] = self.frame_index
+        frame = {key: value for key, value in (("frame_id", self.frame_id), ("uri", self.frame_uri),
+                                                ("frame_index", self.frame_index)) if value is not None}
         data: dict[str, Any] = {
             "report_id": self.report_id,
             "detector": {"name": self.detector_name, "version": self.detector_version},
-            "frame": frame,
-            "box": list(self.box),
-            "class_name": self.class_name,
-            "failure_kind": self.failure_kind,
+            "frame": frame, "box": list(self.box), "class_name": self.class_name, "failure_kind": self.failure_kind,
         }
-        if self.predicted_class is not None:
-            data["predicted_class"] = self.predicted_class
-        if self.notes:
-            data["notes"] = self.notes
-        if self.created_at is not None:
-            data["created_at"] = self.created_at
-        if self.diffusion is not None:
-            data["mining"] = {"diffusion": self.diffusion}
+        optional = {"predicted_class": self.predicted_class, "notes": self.notes or None,
+                    "created_at": self.created_at,
+                    "mining": None if self.diffusion is None else {"diffusion": self.diffusion}}
+        data.update({key: value for key, value in optional.items() if value is not None})
         return data
 
 
@@ -417,9 +405,7 @@ def check_report_box(box, width: int, height: int, cell: tuple[float, float]) ->
     return clipped
 
 
-def check_box_in_frame(
-    box: tuple[float, float, float, float], width: int, height: int
-) -> tuple[float, float, float, float]:
+def check_box_in_frame(box: tuple[float, float, float, float], width: int, height: int) -> tuple[float, ...]:
     """The box clipped to a width x height frame; ReportError when no part of it lies inside."""
     x, y, w, h = (float(v) for v in box)
     left, top = max(x, 0.0), max(y, 0.0)

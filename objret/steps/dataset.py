@@ -8,7 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from objret import storage
-from objret.dataset.coco import ANNOTATIONS_FILE, MinedFrame, PushResult, parse_annotations, publish, push
+from objret.dataset.coco import ANNOTATIONS_FILE, MinedFrame, PushResult, parse_annotations, push
+from objret.dataset.registry import publish
 from objret.dataset.decisions import ApplyResult, Decisions, apply_decisions, rejected_frames, rejections
 from objret.dataset.exports import ExportResult, export, take_snapshot
 from objret.dataset.review_page import write_review_page

@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from objret import storage
-from objret.dataset.coco import publish, push
-from objret.dataset.registry import DatasetRegistry
+from objret.dataset.coco import push
+from objret.dataset.registry import DatasetRegistry, publish
 from objret.errors import StoreError
 from tests.dataset.test_coco import PROVENANCE, frame_paths, make_report, mined  # noqa: F401 (frame_paths: a fixture)
 

@@ -157,7 +157,7 @@ def pets_video(bench_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_flows_log_to_the_tracking_server_and_read_back_through_its_rest_api(
-        mlflow_server, prefect_server, pets_video, bench_dir, tud_campus_bench, tmp_path):
+        mlflow_server, prefect_server, pets_video, bench_dir, tud_campus_bench, tmp_path, capsys):
     from flows.build_index import build_index_flow, graph_flow
     from flows.evaluate import evaluate_flow
     from flows.mine import mine_flow
@@ -185,6 +185,25 @@ def test_flows_log_to_the_tracking_server_and_read_back_through_its_rest_api(
         assert run["info"]["status"] == "FINISHED"
     experiment = rest(uri, "experiments/get-by-name", experiment_name="server-test")["experiment"]
     assert experiment["artifact_location"] == f"mlflow-artifacts:/{experiment['experiment_id']}"   # proxied
+    # A model-training experiment: MLflow's UI opens it on its runs, not on the GenAI traces overview.
+    experiment_tags = {t["key"]: t["value"] for t in experiment["tags"]}
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+    # The runs table's view (the UI's shared-view tag) puts the key figures and the dataset beside each run, and
+    # `objret ui` names it.
+    columns = json.loads(experiment_tags["mlflow.sharedViewState.objret"])["selectedColumns"]
+    assert {"attributes.`Dataset`", "metrics.`mined`", "metrics.`fused.class_mAP`"} <= set(columns)
+    from flows.cli import main
+
+    assert main(["ui", "--workdir", str(workdir), *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert f"open {uri}/#/experiments/{experiment['experiment_id']}?viewStateShareKey=objret" in \
+        capsys.readouterr().out
+    # Lineage: the mining run's input is the dataset version it made, by DVC md5, with where DVC keeps it.
+    [mine_input] = runs["mine"][0]["inputs"]["dataset_inputs"]
+    dataset = mine_input["dataset"]
+    assert (dataset["name"], dataset["digest"]) == ("retraining", mined["dataset"]["dvc_md5"])
+    assert json.loads(dataset["source"])["uri"] == str((workdir / "datasets").resolve())
+    input_tags = {t["key"]: t["value"] for t in mine_input["tags"]}
+    assert input_tags["mlflow.data.context"] == "mined_into" and input_tags["dvc_version"] == "1"
 
     # Metrics as the flows logged them; artifacts through the server's proxy, byte for byte.
     run, _, _, metrics = runs["build-index"]
@@ -220,6 +239,14 @@ def test_flows_log_to_the_tracking_server_and_read_back_through_its_rest_api(
     assert {k: newest[k] for k in ("git_commit", "params_hash", "dvc_lock_hash")} == expected_tags(overrides)
     metrics = {m["key"] for m in found[0]["data"]["metrics"]}
     assert "gem.seconds_per_query" in metrics and any(k.startswith("gem.") and k.endswith("_mAP") for k in metrics)
+    # Each eval run names the bench it scored as its input: the same bench, the same digest.
+    from objret.eval.bench import bench_digest, load_bench
+
+    for run in found:
+        [bench_input] = run["inputs"]["dataset_inputs"]
+        assert (bench_input["dataset"]["name"], bench_input["dataset"]["digest"]) == \
+            (bench.name, bench_digest(load_bench(bench)))
+        assert json.loads(bench_input["dataset"]["source"])["uri"] == str(bench.resolve())
 
 
 def search_runs(uri: str, experiment_id: str, filter_string: str) -> list[dict]:

@@ -221,7 +221,14 @@ def cmd_demo(args) -> int:
     print(f"lake source: {source}")
     build_index_flow(sources=[source], **_flow_kwargs(args))
     report = args.report or str(SAMPLE_REPORT)
-    _print_mining(mine_flow(report_path=str(Path(report).resolve()), **_flow_kwargs(args)))
+    result = mine_flow(report_path=str(Path(report).resolve()), **_flow_kwargs(args))
+    _print_mining(result)
+    where = f" --workdir {args.workdir}" if args.workdir else ""
+    print("\nhand the dataset to labellers and trainers (objret dataset export --help):")
+    for fmt in EXPORT_FORMATS:
+        print(f"  objret dataset export --format {fmt} --out exports/{fmt}{where}")
+    print(f"open the run in FiftyOne (pip install 'objret[fiftyone]'): objret fiftyone {result['report_id']}{where}"
+          f" && fiftyone app launch objret-mine-{result['report_id']}")
     return 0
 
 

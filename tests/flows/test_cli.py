@@ -158,6 +158,11 @@ def test_demo_builds_a_lake_from_a_video_and_mines_a_report(bench_dir, tmp_path,
     assert str(workdir / "datasets" / "retraining") in out and "MLflow run" in out
     coco = json.loads((workdir / "datasets" / "retraining" / "annotations.json").read_text())
     assert len(coco["annotations"]) == 8
+    # The export commands it ends with run as printed (here into tmp_path), and so does the FiftyOne one-liner's.
+    args = next(line for line in out.splitlines() if "--format coco" in line).split()[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "exported")
+    assert main(args) == 0 and len(json.loads((tmp_path / "exported" / "annotations.json").read_text())["images"]) == 8
+    assert "objret fiftyone demo-test --workdir" in out and "fiftyone app launch objret-mine-demo-test" in out
 
     # Reports the lake cannot honestly answer are refused before any flow starts: one message naming the field
     # and the frame, exit status 2, no traceback, the dataset untouched.

@@ -74,7 +74,7 @@ def experiment_tags(method: str) -> dict:
 
 
 def runs_view_url(ui_url: str, experiment_id: str) -> str:
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}?viewStateShareKey={VIEW_KEY}"
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
 def _experiment(name: str, tracking_uri: str, artifact_root: str, tags: dict) -> None:

@@ -195,7 +195,7 @@ def test_flows_log_to_the_tracking_server_and_read_back_through_its_rest_api(
     from flows.cli import main
 
     assert main(["ui", "--workdir", str(workdir), *[a for o in overrides for a in ("--set", o)]]) == 0
-    assert f"open {uri}/#/experiments/{experiment['experiment_id']}?viewStateShareKey=objret" in \
+    assert f"open {uri}/#/experiments/{experiment['experiment_id']}/runs?viewStateShareKey=objret" in \
         capsys.readouterr().out
     # Lineage: the mining run's input is the dataset version it made, by DVC md5, with where DVC keeps it.
     [mine_input] = runs["mine"][0]["inputs"]["dataset_inputs"]

@@ -415,13 +415,19 @@ def ui_url(ws, base: str) -> str:
 
     from tasks.tracking import runs_view_url
 
-    # One quick try: a server that does not answer gets its home URL, not a minute of retries.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # One quick try: a server that does not answer gets its home URL, not a minute of retries. Only for this
+    # lookup: the environment goes on to the `mlflow ui` this process becomes.
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    before = {key: os.environ.get(key) for key in quick}
+    os.environ.update({k: v for k, v in quick.items() if before[k] is None})
     try:
         experiment = mlflow.MlflowClient(ws.tracking_uri).get_experiment_by_name(ws.params.tracking.experiment)
     except Exception:   # unreachable or refusing: the UI's home still opens
         experiment = None
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
     return runs_view_url(base, experiment.experiment_id) if experiment else base
 
 

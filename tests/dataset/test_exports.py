@@ -191,7 +191,7 @@ def test_fiftyone_export_loads_back_as_detections_with_their_attributes(lake, tm
         dataset.delete()
 
 
-def test_export_to_s3_names_images_by_uri_and_writes_the_tasks_last(lake, s3_store):
+def test_export_to_s3_names_images_by_uri_and_holds_every_one(lake, s3_store):
     from tests.dataset.test_registry import _bucket
 
     _bucket(s3_store, "objret-exports")

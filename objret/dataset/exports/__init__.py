@@ -14,7 +14,7 @@ from pathlib import Path
 from objret import storage
 from objret.dataset.exports import coco, cvat, fiftyone_dataset, label_studio, yolo
 from objret.dataset.exports.snapshot import Snapshot, take_snapshot
-from objret.errors import ObjretError
+from objret.errors import ObjretError, StoreError
 
 FORMATS = {"coco": coco, "yolo": yolo, "label-studio": label_studio, "cvat": cvat, "fiftyone": fiftyone_dataset}
 
@@ -55,9 +55,15 @@ def export(snapshot: Snapshot, fmt: str, out: str, endpoint_url: str | None = No
 def _deliver(folder: Path, images: list[str], files: list[str], out: str, endpoint_url: str | None) -> int:
     """Copy the staged files to ``out``: images it lacks, then the format's files in order (its main file last)."""
     written = 0
+    try:   # one listing, not a request an image
+        present = set(storage.list_uris(storage.join(out, "images"), endpoint_url))
+    except StoreError:
+        if storage.is_s3(out):
+            raise
+        present = set()   # a local folder not made yet
     for name in images:
         target = storage.join(out, name)
-        if not storage.exists(target, endpoint_url):
+        if target not in present:
             storage.write_bytes(target, (folder / name).read_bytes(), endpoint_url)
             written += 1
     for name in files:

@@ -18,8 +18,7 @@ MAIN_FILE = "data.yaml"
 LABELS_FOLDER = "labels"
 
 
-def label_lines(snapshot: Snapshot, image) -> list[str]:
-    class_ids = {name: i for i, name in enumerate(snapshot.categories)}
+def label_lines(image, class_ids: dict[str, int]) -> list[str]:
     lines = []
     for box in image.boxes:
         if box.hard_negative:
@@ -32,10 +31,10 @@ def label_lines(snapshot: Snapshot, image) -> list[str]:
 
 def write(snapshot: Snapshot, folder: Path, out: str) -> list[str]:
     (folder / LABELS_FOLDER).mkdir(exist_ok=True)
-    written = []
+    written, class_ids = [], {name: i for i, name in enumerate(snapshot.categories)}
     for image in snapshot.images:
         name = f"{LABELS_FOLDER}/{image.frame_id}.txt"
-        lines = label_lines(snapshot, image)
+        lines = label_lines(image, class_ids)
         (folder / name).write_text("".join(line + "\n" for line in lines))
         written.append(name)
     # No `path` key: trainers then resolve images/ against the folder data.yaml is in, wherever it is moved.

@@ -29,7 +29,8 @@ def _frames_judged(text: str) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", help="parameter file (default: the repository's params.yaml)")
+    parser.add_argument("--params", help="parameter file laid over params.yaml (default: $OBJRET_PARAMS, "
+                        "else params.yaml alone)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one parameter (repeatable), e.g. --set mining.top_k=20")
     parser.add_argument("--workdir", help="work folder for lake, cache, index, runs (default: params workdir)")

@@ -18,7 +18,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from flows.build_index import build_index_flow
 from flows.triggers import REPORT_SUBMITTED, RESOURCE_PREFIX, mine_report_flow, watch_reports_flow
-from objret.config import DEFAULT_PARAMS, load_params
+from objret.config import DEFAULT_PARAMS, load_params, params_file
 from objret.steps.workspace import Workspace
 
 
@@ -29,7 +29,7 @@ def deployments(params_path: str | None = None, overrides: list[str] | None = No
     # Every run reads the same parameters and work folder as this process, wherever the runner starts it.
     # Runs load the flows by module (objret is installed), so `objret serve` works from any folder.
     by_module = {"entrypoint_type": EntrypointType.MODULE_PATH}
-    common = {"params_path": str(Path(params_path or DEFAULT_PARAMS).resolve()), "overrides": list(overrides or []),
+    common = {"params_path": str(Path(params_file(params_path) or DEFAULT_PARAMS).resolve()), "overrides": list(overrides or []),
               "workdir": str(ws.root)}
     concurrency = service.mine_concurrency   # at least 1 (objret.config)
     trigger = DeploymentEventTrigger(

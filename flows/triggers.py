@@ -147,11 +147,15 @@ def watch_once(ws: Workspace, sources: list[str], endpoint_url: str | None = Non
 
 
 @flow(name="watch-reports", log_prints=True)
-def watch_reports_flow(sources: list[str], params_path: str | None = None, overrides: list[str] | None = None,
-                       workdir: str | None = None) -> dict:
-    """One scan of the watched folders / S3 prefixes (the deployment runs it on an interval)."""
+def watch_reports_flow(sources: list[str] | None = None, params_path: str | None = None,
+                       overrides: list[str] | None = None, workdir: str | None = None) -> dict:
+    """One scan of the watched folders / S3 prefixes (default: service.watch.sources); the deployment runs it on
+    an interval."""
     ws = Workspace(load_params(params_path, overrides), workdir)
     logger = get_run_logger()
+    sources = list(sources or ws.params.service.watch.sources)
+    if not sources:
+        raise ObjretError("nothing to watch: set service.watch.sources to report folders or s3:// prefixes")
     result = watch_once(ws, sources, ws.s3_endpoint_url, log=logger.info)
     logger.info("watched %d report files: %d submitted, %d seen before, %d already submitted, %d rejected",
                 result.seen, result.submitted, result.known, result.duplicates, result.rejected)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from objret.errors import ObjretError
 
 DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+PARAMS_ENV = "OBJRET_PARAMS"   # a parameter file laid over params.yaml when none is given
 
 Layer = Literal["stride8", "stride16", "stride32"]
 METHOD_NAMES = ("fused", "regions", "dtm", "gem", "rmac", "discovery")
@@ -379,8 +381,16 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def params_file(path: str | Path | None = None) -> str | Path | None:
+    """The parameter file laid over params.yaml: ``path``, else the OBJRET_PARAMS environment variable's, else none.
+    The variable reaches runs started by Prefect workers, whose deployments cannot name each machine's file."""
+    return path if path is not None else os.environ.get(PARAMS_ENV) or None
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
-    """The repository's params.yaml, with the file at ``path`` laid over it and then ``overrides``."""
+    """The repository's params.yaml, with the file at ``path`` (default: the one named by the OBJRET_PARAMS
+    environment variable, where set) laid over it and then ``overrides``."""
+    path = params_file(path)
     data = _read_yaml(DEFAULT_PARAMS)
     source = str(DEFAULT_PARAMS)
     if path is not None and Path(path).resolve() != DEFAULT_PARAMS:

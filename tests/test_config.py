@@ -119,3 +119,15 @@ def test_a_partial_params_file_is_laid_over_the_defaults(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_params(empty) == defaults
+
+
+def test_objret_params_names_the_file_when_none_is_given(tmp_path, monkeypatch):
+    """How runs started by a Prefect worker find a team's parameter file (prefect.yaml cannot name it)."""
+    chosen = _user_file(tmp_path, {"workdir": "/data/objret"})
+    (tmp_path / "other").mkdir()
+    other = _user_file(tmp_path / "other", {"workdir": "/elsewhere"})
+    monkeypatch.setenv("OBJRET_PARAMS", str(chosen))
+    assert load_params().workdir == "/data/objret"
+    assert load_params(other).workdir == "/elsewhere"   # an explicit file wins
+    monkeypatch.setenv("OBJRET_PARAMS", "")
+    assert load_params() == params_from_dict(yaml.safe_load(DEFAULT_PARAMS.read_text()))

@@ -29,8 +29,8 @@ def deployments(params_path: str | None = None, overrides: list[str] | None = No
     # Every run reads the same parameters and work folder as this process, wherever the runner starts it.
     # Runs load the flows by module (objret is installed), so `objret serve` works from any folder.
     by_module = {"entrypoint_type": EntrypointType.MODULE_PATH}
-    common = {"params_path": str(Path(params_file(params_path) or DEFAULT_PARAMS).resolve()), "overrides": list(overrides or []),
-              "workdir": str(ws.root)}
+    common = {"params_path": str(Path(params_file(params_path) or DEFAULT_PARAMS).resolve()),
+              "overrides": list(overrides or []), "workdir": str(ws.root)}
     concurrency = service.mine_concurrency   # at least 1 (objret.config)
     trigger = DeploymentEventTrigger(
         name="objret report submitted",

@@ -305,7 +305,11 @@ def _report_status(args) -> int:
     for entry in ledger(_workspace(args)).entries():
         last = entry["history"][-1]
         extra = entry.get("error") if entry["state"] == "failed" else entry.get("dataset_version", "")
-        print(f"{entry['report_id']:<40} {entry['state']:<10} {last['at']}  {extra or ''}")
+        if entry["state"] == "running":   # who holds it, until when
+            extra = f"run {entry.get('run_id')} on {entry.get('host')} (pid {entry.get('pid')}), lease until " \
+                    f"{entry.get('lease_until')}"
+        attempts = f"attempt {entry['attempt']}" if entry.get("attempt", 1) > 1 else ""
+        print(f"{entry['report_id']:<40} {entry['state']:<10} {last['at']}  {' '.join(filter(None, [attempts, extra]))}")
     return 0
 
 

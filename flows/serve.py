@@ -2,6 +2,8 @@
 
 - ``mine``: a ``mine-report`` run for each ``objret.report.submitted`` event (DeploymentEventTrigger), at most
   ``service.mine_concurrency`` at once; more reports wait for a slot.
+- ``requeue-reports``: every ``service.lease_s / 2`` seconds, sends again the reports whose mining run stopped
+  renewing its lease (killed outright), so each is mined once in the end.
 - ``refresh-index``: ``build-index`` on the lake sources on ``service.refresh_cron``: only new frames are
   ingested and cached, the index grows, whitening and graph are refitted as their growth policies say.
 - ``watch-reports`` (when ``service.watch.sources`` is set): scans the folders / S3 prefixes for report files
@@ -17,7 +19,8 @@ from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.types.entrypoint import EntrypointType
 
 from flows.build_index import build_index_flow
-from flows.triggers import REPORT_SUBMITTED, RESOURCE_PREFIX, mine_report_flow, watch_reports_flow
+from flows.triggers import (REPORT_SUBMITTED, RESOURCE_PREFIX, mine_report_flow, requeue_reports_flow,
+                            watch_reports_flow)
 from objret.config import DEFAULT_PARAMS, load_params, params_file
 from objret.steps.workspace import Workspace
 
@@ -40,6 +43,9 @@ def deployments(params_path: str | None = None, overrides: list[str] | None = No
     )
     out = [mine_report_flow.to_deployment(name="mine", triggers=[trigger], concurrency_limit=concurrency,
                                           parameters=common, description="mine one submitted report", **by_module)]
+    out.append(requeue_reports_flow.to_deployment(
+        name="requeue-reports", interval=service.lease_s / 2, parameters=common,
+        description="send again the reports whose mining run's lease lapsed", **by_module))
     cron = service.refresh_cron
     if cron:
         out.append(build_index_flow.to_deployment(name="refresh-index", cron=cron, parameters=common,
@@ -56,5 +62,5 @@ def deployments(params_path: str | None = None, overrides: list[str] | None = No
 def serve_deployments(params_path: str | None = None, overrides: list[str] | None = None,
                       workdir: str | None = None) -> None:
     found, concurrency = deployments(params_path, overrides, workdir)
-    # The process runs the mining slots plus one refresh and one scan beside them.
-    serve(*found, limit=concurrency + 2)
+    # The process runs the mining slots plus one refresh, one scan and one requeue beside them.
+    serve(*found, limit=concurrency + 3)

@@ -2,13 +2,16 @@
 trigger turns each event into a ``mine-report`` flow run.
 
 - ``submit``: validate, record in the report ledger (each id once), emit ``objret.report.submitted``.
-- ``mine_report_flow``: what the deployment runs: claim the report in the ledger, mine it, record the outcome.
+- ``mine_report_flow``: what the deployment runs: claim the report in the ledger, mine it under a lease, record
+  the outcome.
+- ``requeue_reports_flow``: send again the reports whose run's lease lapsed (the run was killed).
 - ``watch_reports_flow``: scan folders or S3 prefixes for report files and submit the new ones.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass
 
 from prefect import flow, get_run_logger
@@ -19,7 +22,7 @@ from objret.config import load_params
 from objret.errors import ObjretError, ReportError
 from objret.mining.report import load_report, parse_report
 from objret.steps.workspace import Workspace
-from tasks.report_ledger import ReportLedger, Submission
+from tasks.report_ledger import LeaseKeeper, ReportLedger, Submission
 
 REPORT_SUBMITTED = "objret.report.submitted"
 RESOURCE_PREFIX = "objret.mining.report."
@@ -77,21 +80,40 @@ def mine_report_flow(report: dict, params_path: str | None = None, overrides: li
 
     ws = Workspace(load_params(params_path, overrides), workdir)
     parsed = parse_report(report)  # a malformed payload fails here, naming each problem
-    claimed, state = ledger(ws).claim(parsed.report_id, run_id=str(flow_run.get_id() or ""))
+    reports, run_id, lease_s = ledger(ws), str(flow_run.get_id() or uuid.uuid4()), ws.params.service.lease_s
+    claimed, state = reports.claim(parsed.report_id, run_id, lease_s)
     if not claimed:
         get_run_logger().info("report %s is already %s: nothing to do", parsed.report_id, state)
         return {"report_id": parsed.report_id, "skipped": True, "state": state}
     try:
-        # The ledger's copy: the mine flow reads the report as a file, like `objret mine`.
-        result = mine_flow(report_path=ledger(ws).report_uri(parsed.report_id), params_path=params_path,
-                           overrides=overrides, workdir=workdir)
+        with LeaseKeeper(reports, parsed.report_id, run_id, lease_s):
+            # The ledger's copy: the mine flow reads the report as a file, like `objret mine`.
+            result = mine_flow(report_path=reports.report_uri(parsed.report_id), params_path=params_path,
+                               overrides=overrides, workdir=workdir)
     except BaseException as exc:
-        ledger(ws).finish(parsed.report_id, ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+        reports.finish(parsed.report_id, ok=False, run_id=run_id, error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
-    ledger(ws).finish(parsed.report_id, ok=True, mlflow_run_id=result["mlflow_run_id"],
-                      dataset_version=result["dataset"]["version"], mined=result["mined"])
+    reports.finish(parsed.report_id, ok=True, run_id=run_id, mlflow_run_id=result["mlflow_run_id"],
+                   dataset_version=result["dataset"]["version"], mined=result["mined"])
     return {"report_id": parsed.report_id, "skipped": False, "mined": result["mined"],
             "dataset_version": result["dataset"]["version"], "mlflow_run_id": result["mlflow_run_id"]}
+
+
+@flow(name="requeue-reports", log_prints=True)
+def requeue_reports_flow(params_path: str | None = None, overrides: list[str] | None = None,
+                         workdir: str | None = None) -> list[str]:
+    """Send again every report whose mining run stopped renewing its lease (killed, machine lost)."""
+    ws = Workspace(load_params(params_path, overrides), workdir)
+    requeued = ledger(ws).requeue_expired()
+    for report_id in requeued:
+        report = json.loads(storage.read_bytes(ledger(ws).report_uri(report_id)))
+        try:
+            emit_report_event(report, source="lease lapsed")
+        except ObjretError as exc:   # not sent: failed, so that it may be submitted again
+            ledger(ws).finish(report_id, ok=False, error=str(exc))
+            raise
+        get_run_logger().info("report %s: its run's lease lapsed; sent again", report_id)
+    return requeued
 
 
 @dataclass

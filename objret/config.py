@@ -254,6 +254,7 @@ class WatchParams(Section):
 
 class ServiceParams(Section):
     mine_concurrency: int = Field(ge=1)
+    lease_s: float = Field(gt=0)
     refresh_cron: str | None
     watch: WatchParams
 

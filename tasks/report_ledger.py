@@ -8,12 +8,20 @@ One folder per report id under ``root``::
 A report moves submitted -> running -> mined | failed. Submitting an id that is submitted, running or mined
 changes nothing (the caller says so); a failed report may be submitted again. Transitions hold a file lock,
 so two submitters (CLI, folder watcher) or two mining runs of the same id cannot both win.
+
+A running report is held by a lease: its run renews ``lease_until`` while it mines (``LeaseKeeper``). A run
+killed outright (SIGKILL, a lost machine) stops renewing; once the lease lapses ``requeue_expired`` puts the
+report back to submitted, and the next run takes it (``attempt`` counts them; the history keeps each). A run
+that outlives its lease and finishes after another took over is recorded as stale and changes nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +45,16 @@ class Submission:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _lease_until(lease_s: float) -> str:
+    return (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=lease_s)).isoformat(timespec="milliseconds")
+
+
+def _lapsed(entry: dict) -> bool:
+    """A running entry whose lease has run out (one written before leases existed has none: lapsed)."""
+    until = entry.get("lease_until")
+    return until is None or dt.datetime.fromisoformat(until) < dt.datetime.now(dt.timezone.utc)
 
 
 class ReportLedger:
@@ -66,9 +84,13 @@ class ReportLedger:
         entry = self.state(report_id) or {"report_id": report_id, "history": []}
         entry.update(info)
         entry["state"] = state
-        entry["history"].append({"state": state, "at": _now(), **{k: v for k, v in info.items() if k != "result"}})
-        storage.write_bytes(str(self._dir(report_id) / "state.json"), (json.dumps(entry, indent=1) + "\n").encode())
+        entry["history"].append({"state": state, "at": _now(),
+                                 **{k: v for k, v in info.items() if k not in ("result", "lease_until")}})
+        self._store(report_id, entry)
         return entry
+
+    def _store(self, report_id: str, entry: dict) -> None:
+        storage.write_bytes(str(self._dir(report_id) / "state.json"), (json.dumps(entry, indent=1) + "\n").encode())
 
     def report_uri(self, report_id: str) -> str:
         return str(self._dir(report_id) / "report.json")
@@ -85,19 +107,53 @@ class ReportLedger:
             self._write_state(report.report_id, SUBMITTED, source=source)
             return Submission(report.report_id, True, SUBMITTED, self.report_uri(report.report_id))
 
-    def claim(self, report_id: str, run_id: str | None = None) -> tuple[bool, str]:
-        """Move a submitted (or failed, or never submitted) report to running. (False, state) when it is already
-        running or mined: the caller must not mine it again."""
+    def claim(self, report_id: str, run_id: str, lease_s: float) -> tuple[bool, str]:
+        """Move a submitted (or failed, or never submitted) report to running, held by ``run_id`` for ``lease_s``
+        seconds. (False, state) when it is mined, or running under a live lease: the caller must not mine it."""
         with self._lock(report_id):
             entry = self.state(report_id)
-            if entry is not None and entry["state"] in (RUNNING, MINED):
+            if entry is not None and (entry["state"] == MINED or entry["state"] == RUNNING and not _lapsed(entry)):
                 return False, entry["state"]
-            self._write_state(report_id, RUNNING, run_id=run_id)
+            attempt = (entry or {}).get("attempt", 0) + 1
+            self._write_state(report_id, RUNNING, run_id=run_id, attempt=attempt, lease_until=_lease_until(lease_s),
+                              host=socket.gethostname(), pid=os.getpid())
             return True, RUNNING
 
-    def finish(self, report_id: str, ok: bool, **info) -> dict:
+    def renew(self, report_id: str, run_id: str, lease_s: float) -> bool:
+        """Extend ``run_id``'s lease; False when the report is no longer running under it (taken over)."""
         with self._lock(report_id):
+            entry = self.state(report_id)
+            if entry is None or entry["state"] != RUNNING or entry.get("run_id") != run_id:
+                return False
+            entry["lease_until"] = _lease_until(lease_s)   # not a transition: no history line
+            self._store(report_id, entry)
+            return True
+
+    def finish(self, report_id: str, ok: bool, run_id: str | None = None, **info) -> dict:
+        """Record a run's outcome. A run that no longer holds the report (its lease lapsed and another run took
+        it) is written into the history as stale and changes nothing else."""
+        with self._lock(report_id):
+            entry = self.state(report_id)
+            if run_id is not None and entry is not None and entry.get("run_id") != run_id:
+                entry["history"].append({"state": "stale", "at": _now(), "run_id": run_id, "ok": ok})
+                self._store(report_id, entry)
+                return entry
             return self._write_state(report_id, MINED if ok else FAILED, **info)
+
+    def requeue_expired(self) -> list[str]:
+        """Put every running report whose lease lapsed back to submitted; their ids, for the caller to send
+        again."""
+        requeued = []
+        for candidate in self.entries():
+            if candidate["state"] != RUNNING or not _lapsed(candidate):
+                continue
+            with self._lock(candidate["report_id"]):
+                entry = self.state(candidate["report_id"])   # again, under the lock
+                if entry["state"] == RUNNING and _lapsed(entry):
+                    self._write_state(entry["report_id"], SUBMITTED, source=f"lease of run {entry.get('run_id')} "
+                                      f"(attempt {entry.get('attempt', 1)}) lapsed")
+                    requeued.append(entry["report_id"])
+        return requeued
 
     def entries(self) -> list[dict]:
         out = []
@@ -106,3 +162,29 @@ class ReportLedger:
             if entry is not None:
                 out.append(entry)
         return out
+
+
+class LeaseKeeper:
+    """``with LeaseKeeper(ledger, report_id, run_id, lease_s):`` renews the run's lease every quarter lease on a
+    background thread while the block runs, so a run stays the holder for as long as its process lives."""
+
+    def __init__(self, ledger: ReportLedger, report_id: str, run_id: str, lease_s: float):
+        self.ledger, self.report_id, self.run_id, self.lease_s = ledger, report_id, run_id, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{report_id}", daemon=True)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                if not self.ledger.renew(self.report_id, self.run_id, self.lease_s):
+                    return   # taken over: finish() will record this run as stale
+            except Exception:   # a full disk or a lock timeout: try again next beat, the lease has slack
+                continue
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -46,6 +46,7 @@ def test_prefect_yaml_declares_what_serve_runs_with_params_yaml_defaults():
     assert trigger["parameters"]["report"] == served_trigger.parameters["report"]
     assert declared["refresh-index"]["schedules"][0]["cron"] == service.refresh_cron
     assert declared["watch-reports"]["schedules"][0]["interval"] == service.watch.interval_s
+    assert declared["requeue-reports"]["schedules"][0]["interval"] == service.lease_s / 2
 
 
 def _run(*args: str, env: dict, cwd: Path | None = None) -> str:
@@ -89,13 +90,16 @@ def test_deploy_all_and_a_process_worker_mine_a_submitted_report(prefect_api, be
     deployed: dict = {}
     try:
         deployed |= {name: api.get(f"/deployments/name/{name}").json()
-                    for name in ("mine-report/mine", "build-index/refresh-index", "watch-reports/watch-reports")}
+                    for name in ("mine-report/mine", "build-index/refresh-index", "watch-reports/watch-reports",
+                                 "requeue-reports/requeue-reports")}
         assert {d["work_pool_name"] for d in deployed.values()} == {"objret"}
         assert deployed["mine-report/mine"]["global_concurrency_limit"]["limit"] == 2
         [refresh] = deployed["build-index/refresh-index"]["schedules"]
         assert refresh["schedule"]["cron"] == "0 * * * *" and refresh["active"]
         [watch] = deployed["watch-reports/watch-reports"]["schedules"]
         assert watch["schedule"]["interval"] == 60 and not watch["active"]   # off until sources are set
+        [requeue] = deployed["requeue-reports/requeue-reports"]["schedules"]
+        assert requeue["schedule"]["interval"] == 60 and requeue["active"]
 
         assert "submitted report pool-1" in _run("flows.cli", "report", "submit", str(report), env=env)
         ledger = ReportLedger(work / "reports")

@@ -1,6 +1,7 @@
 """`objret serve` against a real Prefect server: reports submitted from the CLI and dropped in a watched folder
-are mined once each, at most `service.mine_concurrency` at a time, a failing report fails alone; the cron
-deployment refreshes the index with the frames that landed in the lake folder since the last build."""
+are mined once each, at most `service.mine_concurrency` at a time, a failing report fails alone, a report whose
+run is killed outright is mined again once its lease lapses; the cron deployment refreshes the index with the
+frames that landed in the lake folder since the last build."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tasks.report_ledger import ReportLedger
 
 pytestmark = pytest.mark.slow
 
+LEASE_S = 8   # short, so that the killed run's report is taken again within the test
 FRAMES = [101, 103, 105, 107, 109, 111, 113, 115]   # PETS 2009 frames in the lake at first
 LATER = [117, 119]                                   # frames that land in the lake folder while serving
 SETTINGS = ["features.backbone=efficientnet_lite0", "features.max_side=320", "mining.top_k=3",
@@ -42,13 +44,13 @@ def _report(report_id: str, frame_uri: str, box: list[float]) -> dict:
             "box": box, "class_name": "person", "failure_kind": "false_negative"}
 
 
-def _wait(what: str, condition, timeout: float, log: Path):
+def _wait(what: str, condition, timeout: float, log: Path, every: float = 2.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(2)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}; serve log:\n{log.read_text(errors='replace')[-6000:]}")
 
 
@@ -99,6 +101,7 @@ def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_sc
     reports = {rid: _report(rid, str(lake / f"{n:06d}.jpg"), box)
                for rid, n in [("r1", 105), ("r2", 113)]}
     reports["no-frame"] = _report("no-frame", str(tmp_path / "missing.jpg"), box)   # valid, fails when mined
+    killed = _report("k1", str(lake / "000107.jpg"), box)   # its first run is killed with SIGKILL
     for rid, report in reports.items():
         (tmp_path / f"{rid}.json").write_text(json.dumps(report))
     (tmp_path / "malformed.json").write_text(json.dumps({**reports["r1"], "report_id": "m1", "box": [1, 2, -3, 4]}))
@@ -108,13 +111,21 @@ def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_sc
         serve = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", "--workdir", str(work), *sets,
              "--set", "service.refresh_cron=* * * * *", "--set", "service.mine_concurrency=2",
-             "--set", f"service.watch.sources=[{watch}]", "--set", "service.watch.interval_s=15"],
+             "--set", f"service.watch.sources=[{watch}]", "--set", "service.watch.interval_s=15",
+             "--set", f"service.lease_s={LEASE_S}"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait("the deployments", lambda: httpx.get(f"{prefect_api}/deployments/name/mine-report/mine",
                                                    timeout=5).status_code == 200, 120, serve_log)
         for n in LATER:   # land while the service runs: the next scheduled refresh picks them up
             shutil.copy(images / f"{n:06d}.jpg", lake)
+        ledger = ReportLedger(work / "reports")
+
+        (tmp_path / "k1.json").write_text(json.dumps(killed))
+        _objret("report", "submit", str(tmp_path / "k1.json"), "--workdir", str(work), *sets, env=env)
+        first = _wait("k1's first run to hold it", lambda: (ledger.state("k1") or {}).get("pid"), 120, serve_log,
+                      every=0.2)
+        os.kill(first, signal.SIGKILL)   # mid-way: claimed, not finished; its lease is no longer renewed
 
         submitted = _objret("report", "submit", *[str(tmp_path / f"{r}.json") for r in [*reports, "malformed"]],
                             "--workdir", str(work), *sets, env=env, check=False)
@@ -126,8 +137,7 @@ def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_sc
         (watch / "dropped.json").write_text(json.dumps({**reports["r2"], "report_id": "w1"}))
         (watch / "duplicate.json").write_text(json.dumps(reports["r2"]))   # an id submitted from the CLI
 
-        ledger = ReportLedger(work / "reports")
-        expected = {"r1": "mined", "r2": "mined", "w1": "mined", "no-frame": "failed"}
+        expected = {"r1": "mined", "r2": "mined", "w1": "mined", "no-frame": "failed", "k1": "mined"}
 
         def settled():
             states = {e["report_id"]: e["state"] for e in ledger.entries()}
@@ -148,11 +158,13 @@ def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_sc
             pass
         stop_group(serve)
 
-    # One mining run per accepted report: re-submission and the watched duplicate started none.
+    # One mining run per accepted report, two for the killed one: re-submission and the watched duplicate started
+    # none.
     runs = _flow_runs(prefect_api, "mine-report/mine")
-    assert sorted(r["parameters"]["report"]["report_id"] for r in runs) == ["no-frame", "r1", "r2", "w1"]
-    states = {r["parameters"]["report"]["report_id"]: r["state_type"] for r in runs}
-    assert states == {"no-frame": "FAILED", "r1": "COMPLETED", "r2": "COMPLETED", "w1": "COMPLETED"}
+    assert sorted(r["parameters"]["report"]["report_id"] for r in runs) == ["k1", "k1", "no-frame", "r1", "r2", "w1"]
+    states = sorted((r["parameters"]["report"]["report_id"], r["state_type"]) for r in runs)
+    assert states == [("k1", "COMPLETED"), ("k1", "CRASHED"), ("no-frame", "FAILED"), ("r1", "COMPLETED"),
+                      ("r2", "COMPLETED"), ("w1", "COMPLETED")]
     # Bounded concurrency, and used to the bound: r1, r2 and no-frame were queued at once, more than the limit of 2,
     # so 2 mining runs held a slot together (a service that mined one report at a time peaks at 1), never 3. A slot
     # is held from the run's PENDING state (where the server grants it) to its end, the window that covers the run's
@@ -163,11 +175,20 @@ def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_sc
     assert slots == 2 and 1 <= running <= 2, (slots, running)
     assert "missing.jpg" in ledger.state("no-frame")["error"]
 
-    # Every mined report is in the retraining dataset; the failed one left nothing there.
+    # The killed report: taken again once its lease lapsed, by a second run, and mined once.
+    entry = ledger.state("k1")
+    attempts = [h for h in entry["history"] if h["state"] == "running"]
+    assert entry["attempt"] == 2 and len({h["run_id"] for h in attempts}) == 2 and attempts[0]["pid"] == first
+    assert [h["state"] for h in entry["history"]] == ["submitted", "running", "submitted", "running", "mined"]
+    assert "lapsed" in entry["history"][2]["source"]
+
+    # Every mined report is in the retraining dataset, each frame once; the failed one left nothing there.
     coco = json.loads((work / "datasets" / "retraining" / "annotations.json").read_text())
-    assert {a["objret"]["report_id"] for a in coco["annotations"]} == {"r1", "r2", "w1"}
+    assert {a["objret"]["report_id"] for a in coco["annotations"]} == {"r1", "r2", "w1", "k1"}
+    k1_frames = [a["image_id"] for a in coco["annotations"] if a["objret"]["report_id"] == "k1"]
+    assert len(k1_frames) == len(set(k1_frames)) == entry["mined"]
     versions = [json.loads(line) for line in (work / "datasets" / "versions.jsonl").read_text().splitlines()]
-    assert sorted(v["report_id"] for v in versions) == ["r1", "r2", "w1"]   # one dataset version per mined report
+    assert sorted(v["report_id"] for v in versions) == ["k1", "r1", "r2", "w1"]   # one version per mined report
 
     # The scheduled refresh ingested only the frames that landed later, and indexed them.
     metrics = _build_metrics(work)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
 from objret.errors import ObjretError
 from objret.mining.report import parse_report
-from tasks.report_ledger import ReportLedger
+from tasks.report_ledger import LeaseKeeper, ReportLedger
+
+LEASE = 120.0
 
 
 def report(report_id: str = "rep-1"):
@@ -26,11 +29,11 @@ def test_a_report_is_submitted_once_and_mined_once(tmp_path):
     assert (again.accepted, again.state) == (False, "submitted")
     assert json.loads(open(first.report_uri).read())["report_id"] == "rep-1"
 
-    assert ledger.claim("rep-1", "run-1") == (True, "running")
-    assert ledger.claim("rep-1", "run-2") == (False, "running")   # a second run of the same id does nothing
+    assert ledger.claim("rep-1", "run-1", LEASE) == (True, "running")
+    assert ledger.claim("rep-1", "run-2", LEASE) == (False, "running")   # a second run of the same id does nothing
     assert ledger.submit(report(), "c.json").accepted is False
-    ledger.finish("rep-1", ok=True, dataset_version="abc")
-    assert ledger.claim("rep-1", "run-3") == (False, "mined")
+    ledger.finish("rep-1", ok=True, run_id="run-1", dataset_version="abc")
+    assert ledger.claim("rep-1", "run-3", LEASE) == (False, "mined")
     assert ledger.submit(report(), "d.json").state == "mined"
 
     entry = ledger.state("rep-1")
@@ -42,12 +45,12 @@ def test_a_report_is_submitted_once_and_mined_once(tmp_path):
 def test_a_failed_report_may_be_submitted_again_and_again_forces_a_re_mine(tmp_path):
     ledger = ReportLedger(tmp_path)
     ledger.submit(report(), "a.json")
-    ledger.claim("rep-1")
-    ledger.finish("rep-1", ok=False, error="StoreError: cannot read frame")
+    ledger.claim("rep-1", "run-1", LEASE)
+    ledger.finish("rep-1", ok=False, run_id="run-1", error="StoreError: cannot read frame")
     assert ledger.state("rep-1")["error"].startswith("StoreError")
     assert ledger.submit(report(), "a.json").accepted
-    ledger.claim("rep-1")
-    ledger.finish("rep-1", ok=True)
+    ledger.claim("rep-1", "run-2", LEASE)
+    ledger.finish("rep-1", ok=True, run_id="run-2")
     assert not ledger.submit(report(), "a.json").accepted
     forced = ledger.submit(report(), "a.json", again=True)
     assert forced.accepted and forced.state == "submitted"
@@ -62,7 +65,7 @@ def test_concurrent_claims_of_one_report_let_exactly_one_run_mine_it(tmp_path):
 
     def claim(i):
         barrier.wait()
-        wins.append(ReportLedger(tmp_path).claim("rep-1", f"run-{i}")[0])
+        wins.append(ReportLedger(tmp_path).claim("rep-1", f"run-{i}", LEASE)[0])
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
     for t in threads:
@@ -70,6 +73,63 @@ def test_concurrent_claims_of_one_report_let_exactly_one_run_mine_it(tmp_path):
     for t in threads:
         t.join()
     assert sorted(wins) == [False] * 7 + [True]
+
+
+def test_a_killed_run_s_report_is_taken_again_once_its_lease_lapses(tmp_path):
+    ledger = ReportLedger(tmp_path)
+    ledger.submit(report(), "a.json")
+    assert ledger.claim("rep-1", "run-1", 0.3)[0]
+    assert ledger.requeue_expired() == []                     # the lease still runs
+    assert ledger.claim("rep-1", "run-2", LEASE) == (False, "running")
+    time.sleep(0.4)                                           # run-1 was killed: nobody renewed
+    assert ledger.requeue_expired() == ["rep-1"] and ledger.state("rep-1")["state"] == "submitted"
+    assert ledger.requeue_expired() == []                     # once
+    assert ledger.claim("rep-1", "run-2", LEASE) == (True, "running")
+    assert ledger.renew("rep-1", "run-1", LEASE) is False     # the old holder cannot take it back
+    ledger.finish("rep-1", ok=True, run_id="run-2", mined=3)
+    entry = ledger.state("rep-1")
+    assert entry["state"] == "mined" and entry["attempt"] == 2 and entry["run_id"] == "run-2"
+    runs = [(h["state"], h.get("run_id"), h.get("attempt")) for h in entry["history"]]
+    assert runs == [("submitted", None, None), ("running", "run-1", 1), ("submitted", None, None),
+                    ("running", "run-2", 2), ("mined", None, None)]
+    assert "lease of run run-1 (attempt 1) lapsed" in entry["history"][2]["source"]
+
+
+def test_a_run_that_outlives_its_lease_finishes_as_stale_and_changes_nothing(tmp_path):
+    ledger = ReportLedger(tmp_path)
+    ledger.submit(report(), "a.json")
+    ledger.claim("rep-1", "run-1", 0.1)
+    time.sleep(0.2)
+    ledger.requeue_expired()
+    ledger.claim("rep-1", "run-2", LEASE)
+    ledger.finish("rep-1", ok=False, run_id="run-1", error="late")   # the paused run wakes up and fails
+    entry = ledger.state("rep-1")
+    assert entry["state"] == "running" and entry["run_id"] == "run-2" and "error" not in entry
+    assert entry["history"][-1] == {**entry["history"][-1], "state": "stale", "run_id": "run-1", "ok": False}
+
+
+def test_a_living_run_keeps_its_lease_and_stops_renewing_once_taken_over(tmp_path):
+    ledger = ReportLedger(tmp_path)
+    ledger.submit(report(), "a.json")
+    ledger.claim("rep-1", "run-1", 0.4)
+    with LeaseKeeper(ledger, "rep-1", "run-1", 0.4) as keeper:
+        time.sleep(1.0)                                       # 2.5 leases: renewed every 0.1 s
+        assert ledger.requeue_expired() == []
+        ledger.submit(report(), "again.json", again=True)     # forced: the next claim takes it over
+        ledger.claim("rep-1", "run-2", LEASE)
+        time.sleep(0.3)
+        assert not keeper._thread.is_alive()                   # it saw the takeover and stopped
+    assert ledger.state("rep-1")["run_id"] == "run-2"
+
+
+def test_a_running_entry_written_before_leases_is_requeued(tmp_path):
+    ledger = ReportLedger(tmp_path)
+    ledger.submit(report(), "a.json")
+    ledger.claim("rep-1", "run-1", LEASE)
+    entry = ledger.state("rep-1")
+    del entry["lease_until"]
+    (tmp_path / "rep-1" / "state.json").write_text(json.dumps(entry))
+    assert ledger.requeue_expired() == ["rep-1"]
 
 
 @pytest.mark.parametrize("bad", ["", ".hidden", "../x", "a/b"])

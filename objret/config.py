@@ -198,6 +198,7 @@ class MiningParams(Section):
 
 class DatasetParams(Section):
     root: str | None
+    publish_guard: bool
     registry: str | None
     dvc_remote: str | None
     copy_frames: bool

@@ -15,6 +15,7 @@ RETRY_ATTEMPTS * READ_TIMEOUT_S more (plus 1 s an attempt for a PUT: botocore wa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -180,6 +181,66 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def read_versioned(uri: str, endpoint_url: str | None = None) -> tuple[bytes | None, str | None]:
+    """The bytes at ``uri`` and a token naming exactly this version of them (S3: the object's ETag; a file: the
+    sha256 of its bytes), for ``write_if_unchanged``; (None, None) when there is nothing there."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+
+        def get() -> tuple[bytes | None, str | None]:
+            try:
+                found = s3_client(endpoint_url).get_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return None, None
+                raise
+            return found["Body"].read(), found["ETag"]
+
+        return _retrying("read", uri, get)
+    try:
+        data = Path(uri).read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        raise StoreError(f"cannot read {uri}: {exc.strerror or exc}") from exc
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_if_unchanged(uri: str, data: bytes, token: str | None, endpoint_url: str | None = None) -> bool:
+    """Write ``data`` at ``uri`` only while it is still the version ``token`` names (None: only while nothing is
+    there); False, writing nothing, when another writer changed it since. S3: a conditional PUT (If-Match /
+    If-None-Match: AWS S3, SeaweedFS and MinIO honour them; a store that ignores them gives no guard). A file:
+    compared and replaced under a lock file beside it."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+
+        def put() -> bool:
+            try:
+                s3_client(endpoint_url).put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            except Exception as exc:
+                # 412: the ETag moved on; 409: AWS S3's answer to a conditional write racing another one.
+                if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise
+            return True
+
+        return _retrying("write", uri, put)
+    from filelock import FileLock
+
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock"), timeout=60):
+        if read_versioned(uri)[1] != token:
+            return False
+        write_bytes(uri, data)
+        return True
 
 
 def exists(uri: str, endpoint_url: str | None = None) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import yaml
 from filelock import FileLock
 
 from objret import storage
-from objret.dataset.coco import ANNOTATIONS_FILE, IMAGES_FOLDER, read_annotations
 from objret.errors import ObjretError, StoreError
 
 DATASET_NAME = "retraining"
@@ -208,30 +206,3 @@ def _md5_of(dvc_file: Path) -> str:
     if len(outs) != 1 or "md5" not in outs[0]:
         raise ObjretError(f"{dvc_file} is not the .dvc file of one folder")
     return str(outs[0]["md5"]).removesuffix(".dir")
-
-
-def publish(source_root: str, dest_root: str, endpoint_url: str | None = None) -> int:
-    """Copy the dataset at ``source_root`` (a folder) to ``dest_root`` (a folder or S3 prefix): the images it
-    lacks first, annotations.json last, so readers there see the old version or the new one, never half of one.
-    A publish that failed (store down) is completed by the next. Returns the number of files written."""
-    source_images = storage.join(source_root, IMAGES_FOLDER)
-    local = storage.list_uris(source_images) if os.path.isdir(source_images) else []
-    dest_images = storage.join(dest_root, IMAGES_FOLDER)
-    try:
-        present = {uri.rsplit("/", 1)[-1] for uri in storage.list_uris(dest_images, endpoint_url)}
-    except StoreError:
-        if storage.is_s3(dest_root):
-            raise
-        present = set()   # a local destination not made yet
-    written = 0
-    for uri in local:
-        name = os.path.basename(uri)
-        if name not in present:   # images are named by frame id and never change
-            storage.write_bytes(storage.join(dest_images, name), storage.read_bytes(uri), endpoint_url)
-            written += 1
-    annotations = storage.read_bytes(storage.join(source_root, ANNOTATIONS_FILE))
-    dest_annotations = storage.join(dest_root, ANNOTATIONS_FILE)
-    if read_annotations(dest_root, endpoint_url) != annotations:
-        storage.write_bytes(dest_annotations, annotations, endpoint_url)   # the commit point
-        written += 1
-    return written

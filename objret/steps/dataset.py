@@ -9,9 +9,9 @@ from pathlib import Path
 
 from objret import storage
 from objret.dataset.coco import ANNOTATIONS_FILE, MinedFrame, PushResult, parse_annotations, push
-from objret.dataset.registry import publish
 from objret.dataset.decisions import ApplyResult, Decisions, apply_decisions, rejected_frames, rejections
 from objret.dataset.exports import ExportResult, export, take_snapshot
+from objret.dataset.publish import publish
 from objret.dataset.review_page import write_review_page
 from objret.errors import ObjretError, StoreError
 from objret.mining.report import FailureReport
@@ -50,7 +50,8 @@ def _publish(ws: Workspace, version) -> None:
     previous one whole (annotations.json is written last), and the next push or review publishes it."""
     registry = ws.dataset_registry
     try:
-        publish(str(registry.dataset_dir), ws.dataset_root, ws.s3_endpoint_url)
+        publish(str(registry.dataset_dir), ws.dataset_root, ws.s3_endpoint_url,
+                guard=ws.params.dataset.publish_guard)
     except StoreError as exc:
         raise StoreError(f"dataset version {version.number} ({version.md5}) is saved in {registry.root} but is not "
                          f"published to {ws.dataset_root} yet (readers there see the previous version; the next "

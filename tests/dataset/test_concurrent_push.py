@@ -4,7 +4,9 @@ frames, every (report, frame) annotation once, a consistent COCO json, one new D
 published annotations.json equal to the registry's.
 
 The registry's lock (a file lock beside the DVC repository) serialises the pushes of one machine, or of machines
-that share its folder; see README "Guarantees" for pushers on different machines.
+that share its folder. Registries on different machines share no lock: the same 8 processes then push in two
+groups of 4, each group to its own registry (two work folders), all publishing to one S3 prefix; the conditional
+write of objret.dataset.publish keeps the published annotations the exact union of both.
 """
 
 from __future__ import annotations
@@ -116,17 +118,31 @@ def test_eight_concurrent_pushes_keep_every_frame_and_make_eight_versions(tmp_pa
     client = s3_store.client()
     if BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
         client.create_bucket(Bucket=BUCKET)
-    published = f"s3://{BUCKET}/retraining"
+    published, shared = f"s3://{BUCKET}/retraining", f"s3://{BUCKET}/shared"
+    groups = [tmp_path / "registry_group_a", tmp_path / "registry_group_b"]   # two machines' registries
     frames = bench_frames(bench_dir)
     local_registry, s3_registry = tmp_path / "registry_local", tmp_path / "registry_s3"
     jobs = [{"name": f"w{i}", "report_id": f"rep-{i}", "frames": report_frames(frames, i),
              "targets": [{"workdir": str(tmp_path / f"work{i}"), "overrides": [f"dataset.registry={local_registry}"]},
                          {"workdir": str(tmp_path / f"work{i}"), "overrides": [f"dataset.registry={s3_registry}",
-                                                                              f"dataset.root={published}"]}]}
+                                                                              f"dataset.root={published}"]},
+                         {"workdir": str(tmp_path / f"work{i}"), "overrides": [f"dataset.registry={groups[i % 2]}",
+                                                                              f"dataset.root={shared}"]}]}
             for i in range(WORKERS)]
     start = time.monotonic()
-    local_results, s3_results = run_workers(tmp_path, jobs, targets=2)
+    local_results, s3_results, group_results = run_workers(tmp_path, jobs, targets=3)
     wall = time.monotonic() - start
+
+    # Two registries, no shared lock, one published prefix: each registry is whole, the prefix holds both.
+    for g, registry_dir in enumerate(groups):
+        mine = [r for r in group_results if r["root"] == shared and int(r["report_id"].split("-")[1]) % 2 == g]
+        check_dataset(DatasetRegistry(registry_dir), jobs[g::2], mine)
+    coco = json.loads(storage.read_bytes(f"{shared}/annotations.json"))
+    check_valid_coco(coco)
+    frame_of = {image["id"]: image["frame_id"] for image in coco["images"]}
+    pairs = [(a["objret"]["report_id"], frame_of[a["image_id"]]) for a in coco["annotations"]]
+    assert len(pairs) == len(set(pairs))
+    assert set(pairs) == {(job["report_id"], f["frame_id"]) for job in jobs for f in job["frames"]}
 
     check_dataset(DatasetRegistry(local_registry), jobs, local_results)
     registry = DatasetRegistry(s3_registry)
@@ -146,4 +162,6 @@ def test_eight_concurrent_pushes_keep_every_frame_and_make_eight_versions(tmp_pa
         "workers": WORKERS, "frames_union": len({f["frame_id"] for j in jobs for f in j["frames"]}),
         "annotations": WORKERS * FRAMES_PER_REPORT, "versions_local": len(DatasetRegistry(local_registry).versions()),
         "versions_s3": len(registry.versions()), "local": seconds(local_results), "s3": seconds(s3_results),
+        "two_registries_one_prefix": {"registries": len(groups), "published_annotations": len(pairs),
+                                      **seconds(group_results)},
         "wall_s_including_8_process_starts": round(wall, 1)})

@@ -10,7 +10,8 @@ import pytest
 
 from objret import storage
 from objret.dataset.coco import push
-from objret.dataset.registry import DatasetRegistry, publish
+from objret.dataset.publish import publish
+from objret.dataset.registry import DatasetRegistry
 from objret.errors import StoreError
 from tests.dataset.test_coco import PROVENANCE, frame_paths, make_report, mined  # noqa: F401 (frame_paths: a fixture)
 

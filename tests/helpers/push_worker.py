@@ -58,7 +58,7 @@ def main(job_path: str) -> None:
         except Exception as exc:   # reported, not raised: the test reads what each worker got
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result["seconds"] = time.monotonic() - start
-        print(json.dumps({"target": i, **result}), flush=True)
+        print(json.dumps({"target": i, "report_id": job["report_id"], **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from tasks.tracking import mlflow_run
 STEPS = ("ingest", "features", "regions", "whitening", "index", "store", "graph")   # in the order they run
 
 
-@flow(name="build-index", log_prints=True)
+@flow(name="build-index", log_prints=True, persist_result=False)
 def build_index_flow(sources: list[str] | None = None, params_path: str | None = None,
                      overrides: list[str] | None = None, workdir: str | None = None,
                      only: list[str] | None = None) -> dict:
@@ -57,7 +57,7 @@ def build_index_flow(sources: list[str] | None = None, params_path: str | None =
                 "workdir": str(ws.root)}
 
 
-@flow(name="graph", log_prints=True)
+@flow(name="graph", log_prints=True, persist_result=False)
 def graph_flow(params_path: str | None = None, overrides: list[str] | None = None,
                workdir: str | None = None) -> dict:
     """The region graph of an index build-index made (its DVC stage): built, refreshed or left as it is."""

@@ -176,7 +176,6 @@ def cmd_graph(args) -> int:
 def cmd_mine(args) -> int:
     from flows.mine import mine_flow
 
-    check_report_file(args, args.report)
     _print_mining(mine_flow(report_path=str(Path(args.report).resolve()), **_flow_kwargs(args)))
     return 0
 
@@ -469,10 +468,20 @@ COMMANDS = {"build-index": cmd_build_index, "graph": cmd_graph, "mine": cmd_mine
             "dataset": cmd_dataset, "review": cmd_review, "fiftyone": cmd_fiftyone}
 
 
+RUN_FLOWS = {"build-index", "graph", "mine", "demo", "eval"}   # on a temporary Prefect server without PREFECT_API_URL
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        if args.command not in RUN_FLOWS:
+            return COMMANDS[args.command](args)
+        if args.command == "mine":
+            check_report_file(args, args.report)   # a bad report: one line, before any server or flow starts
+        from flows.temporary_server import temporary_prefect_server
+
+        with temporary_prefect_server():
+            return COMMANDS[args.command](args)
     except ReportError as exc:
         print(f"objret: {exc}", file=sys.stderr)
         return 2

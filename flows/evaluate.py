@@ -37,7 +37,7 @@ def results_path_for(results: str, method: str, first: bool) -> str:
     return str(path.with_name(f"{path.stem}.{method}{path.suffix or '.json'}"))
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, persist_result=False)
 def evaluate_flow(bench_dir: str, results: str, methods: list[str] | None = None, params_path: str | None = None,
                   overrides: list[str] | None = None, workdir: str | None = None,
                   summary_json: str | None = None, curve_csv: str | None = None, held_out: bool = False,

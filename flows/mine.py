@@ -13,7 +13,7 @@ from objret.dataset.registry import DATASET_NAME
 from tasks.tracking import log_dataset_input, mlflow_run
 
 
-@flow(name="mine", log_prints=True)
+@flow(name="mine", log_prints=True, persist_result=False)
 def mine_flow(report_path: str, params_path: str | None = None, overrides: list[str] | None = None,
               workdir: str | None = None) -> dict:
     ws = Workspace(load_params(params_path, overrides), workdir)

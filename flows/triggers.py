@@ -72,7 +72,7 @@ def submit(ws: Workspace, report_text: bytes | str, source: str, again: bool = F
     return submission
 
 
-@flow(name="mine-report", log_prints=True)
+@flow(name="mine-report", log_prints=True, persist_result=False)
 def mine_report_flow(report: dict, params_path: str | None = None, overrides: list[str] | None = None,
                      workdir: str | None = None) -> dict:
     """Mine one submitted report once: a report already mined (or being mined) is skipped and says so."""
@@ -99,7 +99,7 @@ def mine_report_flow(report: dict, params_path: str | None = None, overrides: li
             "dataset_version": result["dataset"]["version"], "mlflow_run_id": result["mlflow_run_id"]}
 
 
-@flow(name="requeue-reports", log_prints=True)
+@flow(name="requeue-reports", log_prints=True, persist_result=False)
 def requeue_reports_flow(params_path: str | None = None, overrides: list[str] | None = None,
                          workdir: str | None = None) -> list[str]:
     """Send again every report whose mining run stopped renewing its lease (killed, machine lost)."""
@@ -168,7 +168,7 @@ def watch_once(ws: Workspace, sources: list[str], endpoint_url: str | None = Non
     return result
 
 
-@flow(name="watch-reports", log_prints=True)
+@flow(name="watch-reports", log_prints=True, persist_result=False)
 def watch_reports_flow(sources: list[str] | None = None, params_path: str | None = None,
                        overrides: list[str] | None = None, workdir: str | None = None) -> dict:
     """One scan of the watched folders / S3 prefixes (default: service.watch.sources); the deployment runs it on

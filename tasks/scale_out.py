@@ -134,7 +134,7 @@ def gpu_cluster(gpus: list[str], threads_per_worker: int = 1):
     return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
 
 
-@flow(name="scale-out", log_prints=True)
+@flow(name="scale-out", log_prints=True, persist_result=False)
 def scale_out_flow(params: dict, workdir: str, steps: list[str] = list(STEPS)) -> dict:
     """Features, then regions, of the frames that lack them, then index shards of the frames in none (the
     store, cell and region index of a chunk: objret.steps.shards), a task per chunk of frames on the cluster."""
@@ -169,7 +169,7 @@ def scale_out_flow(params: dict, workdir: str, steps: list[str] = list(STEPS)) -
     return {"features": feats, "regions": found, "shards": sharded}
 
 
-@task(name="shard-chunk", task_run_name="shard-chunk-{chunk}", cache_policy=NO_CACHE)
+@task(name="shard-chunk", task_run_name="shard-chunk-{chunk}", cache_policy=NO_CACHE, persist_result=False)
 def shard_chunk(params: dict, workdir: str, chunk: int, frame_ids: list[str]) -> dict:
     result = chunks.shard_chunk(params, workdir, chunk, frame_ids)
     get_run_logger().info("index shard %s: %d frames, %d regions, %d cells", result.name, result.frames,
@@ -177,7 +177,7 @@ def shard_chunk(params: dict, workdir: str, chunk: int, frame_ids: list[str]) ->
     return {**asdict(result), **where_it_ran()}
 
 
-@task(name="features-chunk", task_run_name="features-chunk-{chunk}", cache_policy=NO_CACHE)
+@task(name="features-chunk", task_run_name="features-chunk-{chunk}", cache_policy=NO_CACHE, persist_result=False)
 def features_chunk(params: dict, workdir: str, chunk: int, frame_ids: list[str]) -> dict:
     result = chunks.features_chunk(params, workdir, frame_ids)
     get_run_logger().info("features chunk %d: %d computed (%.2f frames/s), %d cached before, %d failed",
@@ -185,7 +185,7 @@ def features_chunk(params: dict, workdir: str, chunk: int, frame_ids: list[str])
     return {**asdict(result), **where_it_ran()}
 
 
-@task(name="regions-chunk", task_run_name="regions-chunk-{chunk}", cache_policy=NO_CACHE)
+@task(name="regions-chunk", task_run_name="regions-chunk-{chunk}", cache_policy=NO_CACHE, persist_result=False)
 def regions_chunk(params: dict, workdir: str, chunk: int, frame_ids: list[str]) -> dict:
     result = chunks.regions_chunk(params, workdir, frame_ids)
     get_run_logger().info("regions chunk %d: %d frames extracted (%d regions)", chunk, result.extracted,

@@ -25,7 +25,8 @@ from tasks import shard_serving
 from tasks.tracking import log_artifacts, log_metrics, set_tags
 
 # Inputs hold models and open stores, so Prefect's input-hash caching is off; objret caches by content itself.
-IO_TASK = dict(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+# Results are never persisted: Prefect would pickle them (reports, arrays) into its result storage.
+IO_TASK = dict(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)
 
 
 @task(name="ingest", **IO_TASK)
@@ -41,7 +42,7 @@ def ingest(ws: Workspace, sources: list[str]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
-@task(name="features", cache_policy=NO_CACHE)
+@task(name="features", cache_policy=NO_CACHE, persist_result=False)
 def features(ws: Workspace) -> dict:
     result = features_step.features(ws)
     get_run_logger().info("features: %d computed (%.2f frames/s), %d cached before, %d failed",
@@ -52,7 +53,7 @@ def features(ws: Workspace) -> dict:
     return asdict(result)
 
 
-@task(name="regions", cache_policy=NO_CACHE)
+@task(name="regions", cache_policy=NO_CACHE, persist_result=False)
 def regions(ws: Workspace) -> dict:
     result = regions_step.regions(ws)
     log_metrics({"regions_frames_extracted": result.extracted, "regions_extracted": result.regions})
@@ -61,14 +62,14 @@ def regions(ws: Workspace) -> dict:
     return asdict(result)
 
 
-@task(name="whitening", cache_policy=NO_CACHE)
+@task(name="whitening", cache_policy=NO_CACHE, persist_result=False)
 def whitening(ws: Workspace) -> str | None:
     version = whitening_step.whitening(ws)
     get_run_logger().info("whitening: %s", version or "disabled")
     return version
 
 
-@task(name="index", cache_policy=NO_CACHE)
+@task(name="index", cache_policy=NO_CACHE, persist_result=False)
 def index(ws: Workspace) -> dict:
     result = index_step.build_index(ws)
     log_metrics({"index_frames": result.frames, "index_regions": result.regions,
@@ -78,7 +79,7 @@ def index(ws: Workspace) -> dict:
     return asdict(result)
 
 
-@task(name="store", cache_policy=NO_CACHE)
+@task(name="store", cache_policy=NO_CACHE, persist_result=False)
 def store(ws: Workspace) -> dict:
     """The mining store (compact maps + GeM vectors) and the cell index of the small-object shortlist."""
     stored = store_step.store(ws)
@@ -93,7 +94,7 @@ def store(ws: Workspace) -> dict:
     return {"store": asdict(stored), "cells": asdict(cells), "cache_shards_dropped": dropped}
 
 
-@task(name="graph", cache_policy=NO_CACHE)
+@task(name="graph", cache_policy=NO_CACHE, persist_result=False)
 def graph(ws: Workspace, samples: bool = True) -> dict:
     """Region graph + Katz centrality of the current index (built, refreshed or unchanged); with ``samples``,
     the saliency PNGs of graph.sample_frames frames logged as MLflow artifacts under ``graph/`` (drawn when the
@@ -118,7 +119,7 @@ def graph(ws: Workspace, samples: bool = True) -> dict:
     return out
 
 
-@task(name="discovery", cache_policy=NO_CACHE)
+@task(name="discovery", cache_policy=NO_CACHE, persist_result=False)
 def discovery(ws: Workspace) -> dict:
     """OS.EGM regions and the 003 sec. 3.9 descriptor of every indexed frame over the current region graph
     (computed when the graph or the parameters changed, else left as they are)."""
@@ -135,7 +136,7 @@ def discovery(ws: Workspace) -> dict:
     return asdict(result)
 
 
-@task(name="mine", cache_policy=NO_CACHE)
+@task(name="mine", cache_policy=NO_CACHE, persist_result=False)
 def mine(ws: Workspace, report: FailureReport) -> mine_step.MiningOutcome:
     outcome = mine_step.mine(ws, report, served_by=shard_serving.served_by(ws))
     diffusion = outcome.provenance.get("diffusion") or {}

@@ -100,6 +100,45 @@ def test_the_scan_finds_what_it_looks_for(tmp_path):
                      "subprocess.run with shell=True"]
 
 
+def unpersisted_results_missing(path: Path) -> list[str]:
+    """Each Prefect @flow / @task in ``path`` that does not say persist_result=False (directly or in a module-level
+    dict passed as **kwargs): Prefect would pickle its result (reports, arrays) into its result storage."""
+    tree = ast.parse(path.read_text(), str(path))
+    dicts = {node.targets[0].id: node.value for node in tree.body if isinstance(node, ast.Assign)
+             and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Call)}
+    out = []
+    for node in ast.walk(tree):
+        for decorator in getattr(node, "decorator_list", []):
+            call = decorator if isinstance(decorator, ast.Call) else None
+            name = ast.unparse(call.func if call else decorator)
+            if name not in ("flow", "task", "prefect.flow", "prefect.task"):
+                continue
+            keywords = list(call.keywords) if call else []
+            for keyword in list(keywords):
+                if keyword.arg is None and isinstance(keyword.value, ast.Name) and keyword.value.id in dicts:
+                    keywords += dicts[keyword.value.id].keywords
+            persist = next((k.value for k in keywords if k.arg == "persist_result"), None)
+            if not (isinstance(persist, ast.Constant) and persist.value is False):
+                out.append(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path.name}:{node.lineno} "
+                           f"{node.name}")
+    return out
+
+
+def test_no_flow_or_task_result_is_persisted_by_prefect():
+    files = [p for d in ("flows", "tasks") for p in sorted((REPO / d).rglob("*.py"))]
+    decorated = sum(len(re.findall(r"^@(flow|task)\b", p.read_text(), re.M)) for p in files)
+    assert decorated >= 20
+    assert [miss for path in files for miss in unpersisted_results_missing(path)] == []
+
+
+def test_the_persistence_audit_finds_what_it_looks_for(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("OK = dict(retries=1, persist_result=False)\n@flow(name='a', persist_result=False)\ndef a(): pass\n"
+                     "@task(**OK)\ndef b(): pass\n@task\ndef c(): pass\n@flow(name='d', persist_result=True)\n"
+                     "def d(): pass\n@task(cache_policy=NO_CACHE)\ndef e(): pass\n")
+    assert [m.split(" ")[1] for m in unpersisted_results_missing(probe)] == ["c", "d", "e"]
+
+
 # ---- malicious pickles in the lake, the cache and weight files are refused, never run --------------------------
 
 class Payload:

@@ -13,7 +13,6 @@ loaded. The PNG is stored with 256 colours to stay small.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import socket
 import sys
@@ -21,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' Chromium launcher (tests.helpers)
-from tests.helpers.headless_chromium import headless_chromium  # noqa: E402
+from tests.helpers.headless_chromium import headless_chromium, save_screenshot  # noqa: E402
 
 THUMBNAILS_DRAWN = "return document.querySelectorAll('canvas').length"
 SHOWN_FIELDS = ("heatmap", "sample tags")   # the boxes (mined, hard_negatives) are shown by default
@@ -79,9 +77,7 @@ def main() -> int:
         finally:
             session.close()
             fo.delete_dataset(dataset.name)
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    image.quantize(256, method=Image.Quantize.FASTOCTREE).save(args.out, optimize=True)
-    print(f"{args.out}: {image.width}x{image.height}, {Path(args.out).stat().st_size / 1000:.0f} kB")
+    print(save_screenshot(png, args.out))
     return 0
 
 

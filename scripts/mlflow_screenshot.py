@@ -11,7 +11,6 @@ retraining dataset (e.g. MLflow's GenAI overview instead). The PNG is stored wit
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import signal
@@ -23,10 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' Chromium launcher (tests.helpers)
-from tests.helpers.headless_chromium import headless_chromium  # noqa: E402
+from tests.helpers.headless_chromium import headless_chromium, save_screenshot  # noqa: E402
 
 EXPECTED = ("Training runs", "Dataset", "retraining")   # the runs table, its Dataset column, the mined dataset
 
@@ -94,9 +92,7 @@ def main() -> int:
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    image.quantize(256, method=Image.Quantize.FASTOCTREE).save(args.out, optimize=True)
-    print(f"{url} -> {args.out}: {image.width}x{image.height}, {Path(args.out).stat().st_size / 1000:.0f} kB")
+    print(f"{url} -> {save_screenshot(png, args.out)}")
     return 0
 
 

@@ -10,16 +10,14 @@ picture shows what a reviewer sees mid-review. The PNG is stored with 256 colour
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' Chromium launcher (tests.helpers)
-from tests.helpers.headless_chromium import headless_chromium  # noqa: E402
+from tests.helpers.headless_chromium import headless_chromium, save_screenshot  # noqa: E402
 
 MID_REVIEW = """
 const cards = document.querySelectorAll('article.card');
@@ -42,9 +40,7 @@ def main() -> int:
         driver.execute_script(MID_REVIEW)
         time.sleep(1.0)   # the lazily decoded thumbnails of the opened group
         png = driver.get_screenshot_as_png()
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    image.quantize(256, method=Image.Quantize.FASTOCTREE).save(args.out, optimize=True)
-    print(f"{args.out}: {image.width}x{image.height}, {Path(args.out).stat().st_size / 1000:.0f} kB")
+    print(save_screenshot(png, args.out))
     return 0
 
 

@@ -41,3 +41,14 @@ def headless_chromium(download_dir: str | Path, width: int = 1400, height: int =
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def save_screenshot(png: bytes, out: str | Path) -> str:
+    """A browser screenshot stored with 256 colours (small enough for a README); a line saying where and how big."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image.quantize(256, method=Image.Quantize.FASTOCTREE).save(out, optimize=True)
+    return f"{out}: {image.width}x{image.height}, {Path(out).stat().st_size / 1000:.0f} kB"

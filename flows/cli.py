@@ -472,7 +472,12 @@ RUN_FLOWS = {"build-index", "graph", "mine", "demo", "eval"}   # on a temporary 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.redaction import keep_credentials_out_of_parameters, redact_console
+
     args = build_parser().parse_args(argv)
+    redact_console()
+    if hasattr(args, "overrides"):
+        args.overrides = keep_credentials_out_of_parameters(args.overrides)
     try:
         if args.command not in RUN_FLOWS:
             return COMMANDS[args.command](args)

@@ -104,15 +104,19 @@ def requeue_reports_flow(params_path: str | None = None, overrides: list[str] | 
                          workdir: str | None = None) -> list[str]:
     """Send again every report whose mining run stopped renewing its lease (killed, machine lost)."""
     ws = Workspace(load_params(params_path, overrides), workdir)
-    requeued = ledger(ws).requeue_expired()
+    requeued, unsent = ledger(ws).requeue_expired(), []
     for report_id in requeued:
         report = json.loads(storage.read_bytes(ledger(ws).report_uri(report_id)))
         try:
             emit_report_event(report, source="lease lapsed")
         except ObjretError as exc:   # not sent: failed, so that it may be submitted again
             ledger(ws).finish(report_id, ok=False, error=str(exc))
-            raise
+            unsent.append(f"{report_id}: {exc}")
+            continue
         get_run_logger().info("report %s: its run's lease lapsed; sent again", report_id)
+    if unsent:
+        raise ObjretError(f"{len(unsent)} of {len(requeued)} lapsed reports could not be sent again (marked "
+                          f"failed; submit them again): {unsent[0]}")
     return requeued
 
 

@@ -23,6 +23,7 @@ from objret.errors import ObjretError
 
 DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 PARAMS_ENV = "OBJRET_PARAMS"   # a parameter file laid over params.yaml when none is given
+SECRET_OVERRIDES_ENV = "OBJRET_SECRET_OVERRIDES"   # JSON list of overrides with URL credentials, applied last
 
 Layer = Literal["stride8", "stride16", "stride32"]
 METHOD_NAMES = ("fused", "regions", "dtm", "gem", "rmac", "discovery")
@@ -401,6 +402,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         if unknown:
             raise ObjretError(f"bad parameters in {path}: unknown section(s) {', '.join(map(repr, unknown))}")
         data, source = _merge(data, user), str(path)
-    for assignment in overrides or []:
+    # Overrides with URL credentials come last, from the environment: they are kept out of what Prefect stores.
+    for assignment in [*(overrides or []), *json.loads(os.environ.get(SECRET_OVERRIDES_ENV) or "[]")]:
         apply_override(data, assignment)
     return params_from_dict(data, f"parameters in {source}")

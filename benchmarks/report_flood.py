@@ -36,6 +36,8 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # the polling helper the tests use (tests.helpers)
+from tests.helpers.polling import wait_until  # noqa: E402
 BENCH = REPO / "tests" / "data" / "bench" / "pets09_s2l1"
 MALFORMATIONS = [   # (what is wrong, how) - each refused by the schema before anything is sent
     ("negative width", lambda r: {**r, "box": [10, 10, -5, 20]}),
@@ -53,13 +55,10 @@ def _free_port() -> int:
 
 
 def _wait(what: str, condition, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise SystemExit(f"timed out waiting for {what}")
+    value = wait_until(condition, timeout, every)
+    if not value:
+        raise SystemExit(f"timed out waiting for {what}")
+    return value
 
 
 def _answers(url: str) -> bool:

@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from tests.fixtures.services import stop_group
+from tests.helpers.polling import wait_until
 from tasks.report_ledger import ReportLedger
 
 pytestmark = pytest.mark.slow
@@ -45,13 +45,10 @@ def _report(report_id: str, frame_uri: str, box: list[float]) -> dict:
 
 
 def _wait(what: str, condition, timeout: float, log: Path, every: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}; serve log:\n{log.read_text(errors='replace')[-6000:]}")
+    value = wait_until(condition, timeout, every)
+    if not value:
+        raise AssertionError(f"timed out waiting for {what}; serve log:\n{log.read_text(errors='replace')[-6000:]}")
+    return value
 
 
 def _flow_runs(api: str, deployment: str) -> list[dict]:

@@ -29,6 +29,7 @@ from objret.errors import ObjretError, StoreError
 
 DATASET_NAME = "retraining"
 REMOTE_NAME = "objret"
+MD5_PREFIX_MIN = 6   # shorter references are version numbers only
 
 
 @dataclass
@@ -150,13 +151,15 @@ class DatasetRegistry:
             storage.write_bytes(str(current), current_bytes)
 
     def find_version(self, ref: str | None = None) -> dict:
-        """A version by number ("3") or md5 prefix; the current one when ``ref`` is None."""
+        """A version by number ("3") or md5 prefix (at least MD5_PREFIX_MIN characters, so that a version number
+        that does not exist is never taken for the start of some md5); the current one when ``ref`` is None."""
         versions = self.versions()
         if ref is None:
             ref = self.current_md5()
             if ref is None:
                 raise ObjretError(f"the dataset registry at {self.root} has no version yet: mine a report first")
-        match = [v for v in versions if str(v["number"]) == ref] or [v for v in versions if v["md5"].startswith(ref)]
+        match = [v for v in versions if str(v["number"]) == ref] or \
+            [v for v in versions if len(ref) >= MD5_PREFIX_MIN and v["md5"].startswith(ref)]
         if len(match) != 1:
             raise ObjretError(f"{'no' if not match else 'more than one'} dataset version matches {ref!r} in "
                               f"{self.root} (objret dataset versions lists them)")

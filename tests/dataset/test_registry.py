@@ -48,6 +48,11 @@ def test_each_changing_push_is_a_version_and_any_version_comes_back(tmp_path, fr
     assert len(list((registry.dataset_dir / "images").iterdir())) == 6
     with pytest.raises(Exception, match="no dataset version matches"):
         registry.checkout("ffffffff")
+    # A version number that does not exist is never taken for the start of an md5 ("9" once found md5 9f...).
+    assert registry.find_version("2")["md5"] == v2.md5 and registry.find_version(v1.md5[:6])["md5"] == v1.md5
+    for missing in ("9", v1.md5[:5]):
+        with pytest.raises(Exception, match="no dataset version matches"):
+            registry.find_version(missing)
 
 
 def test_versions_go_to_an_s3_dvc_remote_and_come_back_on_another_machine(tmp_path, frame_paths, s3_store):

@@ -78,10 +78,10 @@ def test_concurrent_claims_of_one_report_let_exactly_one_run_mine_it(tmp_path):
 def test_a_killed_run_s_report_is_taken_again_once_its_lease_lapses(tmp_path):
     ledger = ReportLedger(tmp_path)
     ledger.submit(report(), "a.json")
-    assert ledger.claim("rep-1", "run-1", 0.3)[0]
+    assert ledger.claim("rep-1", "run-1", 1.0)[0]
     assert ledger.requeue_expired() == []                     # the lease still runs
     assert ledger.claim("rep-1", "run-2", LEASE) == (False, "running")
-    time.sleep(0.4)                                           # run-1 was killed: nobody renewed
+    time.sleep(1.1)                                           # run-1 was killed: nobody renewed
     assert ledger.requeue_expired() == ["rep-1"] and ledger.state("rep-1")["state"] == "submitted"
     assert ledger.requeue_expired() == []                     # once
     assert ledger.claim("rep-1", "run-2", LEASE) == (True, "running")
@@ -111,13 +111,13 @@ def test_a_run_that_outlives_its_lease_finishes_as_stale_and_changes_nothing(tmp
 def test_a_living_run_keeps_its_lease_and_stops_renewing_once_taken_over(tmp_path):
     ledger = ReportLedger(tmp_path)
     ledger.submit(report(), "a.json")
-    ledger.claim("rep-1", "run-1", 0.4)
-    with LeaseKeeper(ledger, "rep-1", "run-1", 0.4) as keeper:
-        time.sleep(1.0)                                       # 2.5 leases: renewed every 0.1 s
+    ledger.claim("rep-1", "run-1", 1.0)
+    with LeaseKeeper(ledger, "rep-1", "run-1", 1.0) as keeper:
+        time.sleep(2.5)                                       # 2.5 leases: renewed every 0.25 s
         assert ledger.requeue_expired() == []
         ledger.submit(report(), "again.json", again=True)     # forced: the next claim takes it over
         ledger.claim("rep-1", "run-2", LEASE)
-        time.sleep(0.3)
+        time.sleep(0.8)
         assert not keeper._thread.is_alive()                   # it saw the takeover and stopped
     assert ledger.state("rep-1")["run_id"] == "run-2"
 

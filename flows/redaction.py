@@ -1,5 +1,5 @@
 """Credentials inside URLs (``scheme://user:secret@host``) never shown: not on the console, not in logs (those
-Prefect sends to its server included), not in Prefect flow parameters.
+Prefect sends to its server included: flows.log_records), not in Prefect flow parameters.
 
 A ``--set`` override whose URL carries credentials reaches the flows as a parameter with the credentials as ``***``;
 the real one travels in the OBJRET_SECRET_OVERRIDES environment variable of this process and its children
@@ -9,7 +9,6 @@ the real one travels in the OBJRET_SECRET_OVERRIDES environment variable of this
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
@@ -28,24 +27,6 @@ class RedactingStream:
 
     def __getattr__(self, name):   # flush, fileno, isatty, encoding, ... of the real stream
         return getattr(self._stream, name)
-
-
-def redact_log_records() -> None:
-    """Every log record made from now on in this process carries its message with URL credentials redacted."""
-    base = logging.getLogRecordFactory()
-    if getattr(base, "redacts", False):
-        return
-
-    def factory(*args, **kwargs):
-        record = base(*args, **kwargs)
-        message = record.getMessage()
-        clean = redact_credentials(message)
-        if clean != message:
-            record.msg, record.args = clean, ()
-        return record
-
-    factory.redacts = True
-    logging.setLogRecordFactory(factory)
 
 
 def keep_credentials_out_of_parameters(overrides: list[str]) -> list[str]:

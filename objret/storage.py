@@ -168,18 +168,21 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
         bucket, key = split_s3(uri)
         _retrying("write", uri, lambda: s3_client(endpoint_url).put_object(Bucket=bucket, Key=key, Body=data))
         return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+    path, tmp = Path(uri), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file should get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):   # a full disk, a read-only folder: the file as it was is left alone
+            raise StoreError(f"cannot write {uri}: {exc.strerror or exc}; it was left as it was") from exc
         raise
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,8 +101,7 @@ class DatasetRegistry:
         for folder in (self.dataset_dir, self.dataset_dir / "images"):   # a killed push's temp files: not data
             storage.remove_stale_temps(folder)
         with self._repo() as repo:
-            repo.add(str(self.dataset_dir))
-            md5 = _md5_of(self.root / f"{DATASET_NAME}.dvc")
+            md5 = self._add(repo)
             known = {v["md5"]: v for v in self.versions()}
             if md5 in known:   # the same content as a version made before (e.g. a re-run): not a new one
                 entry = known[md5]
@@ -118,6 +118,38 @@ class DatasetRegistry:
                 storage.write_bytes(str(log), before + (json.dumps(entry, sort_keys=True) + "\n").encode())
             pushed = self._push_pending(repo) if self.remote else False
         return DatasetVersion(int(entry["number"]), md5, str(self.root / entry["dvc_file"]), pushed)
+
+    def _add(self, repo) -> str:
+        """``dvc add`` the dataset folder; its md5. DVC logs a file it failed to copy into its cache (a full disk)
+        and goes on to write the .dvc file anyway: that is checked here, and the previous .dvc file put back, so
+        that the current version never names objects the cache lacks."""
+        dvc_file = self.root / f"{DATASET_NAME}.dvc"
+        before = dvc_file.read_bytes() if dvc_file.exists() else None
+        try:
+            repo.add(str(self.dataset_dir))
+            md5 = _md5_of(dvc_file)
+            cache = repo.cache.local
+            entries = json.loads(Path(cache.oid_to_path(f"{md5}.dir")).read_text())
+            missing = [e["relpath"] for e in entries if not os.path.exists(cache.oid_to_path(e["md5"]))]
+            if missing:
+                raise StoreError(f"DVC could not copy {len(missing)} file(s) of {self.dataset_dir} (first: "
+                                 f"{missing[0]}) into its cache {cache.path}, see its error above; the last "
+                                 "version stays current")
+            return md5
+        except BaseException as exc:
+            try:
+                if before is None:
+                    dvc_file.unlink(missing_ok=True)
+                elif not dvc_file.exists() or dvc_file.read_bytes() != before:
+                    try:
+                        storage.write_bytes(str(dvc_file), before)
+                    except StoreError:   # a full disk: in place then (truncating frees the blocks it needs)
+                        dvc_file.write_bytes(before)
+            except (OSError, StoreError) as restore:   # the next commit writes it again in any case
+                exc.add_note(f"{dvc_file} could not be put back ({restore})")
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot version {self.dataset_dir}: {exc}; the last version stays current") from exc
+            raise
 
     def _push_pending(self, repo) -> bool:
         """Send every version the remote lacks (those made while it was unreachable too), oldest first."""

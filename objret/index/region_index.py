@@ -39,7 +39,7 @@ from objret.errors import ObjretError
 from objret.index.frame_scoring import FrameScoring
 from objret.index.mapped_rows import decode_rows, random_access, refine_codes
 from objret.index.sizing import HNSW_QUANTIZER_MIN, default_nlist, default_nprobe, default_pq_m, serialized_size
-from objret.versions import save_version
+from objret.versions import load_manifest, save_version
 
 KINDS = ("auto", "flat", "ivfpq", "hnsw")
 REFINE_TYPES = {None: None, "sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}
@@ -319,15 +319,11 @@ class RegionIndex(FrameScoring):
         def bad(why: str) -> ObjretError:
             return ObjretError(f"region index in {directory} is unusable ({why}): build it again")
 
+        found = load_manifest(directory, "region index", _FORMAT)   # sizes and sha256 checked
+        if found is None:
+            raise bad(f"nothing saved there (no {directory / 'CURRENT'})")
+        version, manifest = found
         try:
-            version = directory / (directory / "CURRENT").read_text().strip()
-            manifest = json.loads((version / "manifest.json").read_text())
-            if manifest.get("format") != _FORMAT:
-                raise bad(f"format {manifest.get('format')!r}, expected {_FORMAT}")
-            for name, size in manifest["files"].items():
-                actual = (version / name).stat().st_size
-                if actual != size:
-                    raise bad(f"{name} has {actual} bytes, the manifest says {size}")
             index = faiss.read_index(str(version / "regions.faiss"),
                                      faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mapped else 0)
             mode = "r" if mapped else None
@@ -337,8 +333,6 @@ class RegionIndex(FrameScoring):
             frame_ids = json.loads((version / "frame_ids.json").read_text())
             params = manifest["params"]
             out = cls(manifest["dim"], kind=manifest["kind"], use_gpu=False, recipe=manifest.get("recipe"), **params)
-        except ObjretError:
-            raise
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise bad(f"{type(exc).__name__}: {exc}") from exc
         if recipe is not None and out.recipe != recipe:

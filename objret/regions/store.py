@@ -2,7 +2,9 @@
 
 Raw descriptors are kept so that whitening can be refitted and the index rebuilt without touching the
 backbone again. Each batch is one .npz of plain arrays (no pickle), written atomically; a killed run
-leaves only whole batches, and the next run extracts just the frames no batch holds.
+leaves only whole batches, and the next run extracts just the frames no batch holds. An .npz is a zip whose
+central directory holds each array's CRC-32, checked as the array is read: a truncated or altered batch is
+named, never used.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from objret import storage
+from objret.errors import ObjretError
 from objret.regions.sources import FrameRegions
 
 
@@ -59,8 +63,7 @@ class RegionStore:
         """The stored frames in the order ``load`` lists them (batch by batch, in name order)."""
         ids: list[str] = []
         for path in self.batches():
-            with np.load(path, allow_pickle=False) as data:
-                ids += data["frame_ids"].astype(str).tolist()
+            ids += _read_batch(path, ["frame_ids"])["frame_ids"].astype(str).tolist()
         return ids
 
     def write(self, per_frame: dict[str, tuple[FrameRegions, np.ndarray, tuple[int, int]]]) -> Path:
@@ -86,12 +89,12 @@ class RegionStore:
     def load(self, frame_ids: list[str] | None = None) -> RegionTable:
         ids, owner, parts = [], [], {k: [] for k in ("boxes", "sources", "scores", "descriptors", "map_hw")}
         for path in self.batches():
-            with np.load(path, allow_pickle=False) as data:
-                batch_ids = data["frame_ids"].astype(str).tolist()
-                owner.append(np.repeat(np.arange(len(ids), len(ids) + len(batch_ids)), data["counts"]))
-                ids += batch_ids
-                for key in parts:
-                    parts[key].append(data[key])
+            data = _read_batch(path, ["frame_ids", "counts", *parts])
+            batch_ids = data["frame_ids"].astype(str).tolist()
+            owner.append(np.repeat(np.arange(len(ids), len(ids) + len(batch_ids)), data["counts"]))
+            ids += batch_ids
+            for key in parts:
+                parts[key].append(data[key])
         if not ids:
             raise FileNotFoundError(f"no regions stored in {self.dir}")
         table = RegionTable(ids, np.concatenate(owner).astype(np.int32), np.concatenate(parts["boxes"]),
@@ -99,6 +102,15 @@ class RegionStore:
                             np.concatenate(parts["descriptors"]).astype(np.float32),
                             np.concatenate(parts["map_hw"]))
         return table.select(frame_ids) if frame_ids is not None else table
+
+
+def _read_batch(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in keys}
+    except (zipfile.BadZipFile, OSError, KeyError, ValueError, EOFError) as exc:
+        raise ObjretError(f"region batch {path} is truncated or damaged ({exc}): delete it and run build-index to "
+                          "extract its frames again") from exc
 
 
 def params_key(params: dict) -> str:

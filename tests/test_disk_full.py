@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 
 from objret.errors import StoreError
 from objret.index.region_index import RegionIndex
+from tests.helpers.figures import record_figures
 from tests.steps.test_crash_safety import BENCH_FILES, OVERRIDES
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
@@ -63,7 +65,7 @@ def test_a_version_that_does_not_fit_leaves_the_previous_one_current(small_disk)
     index.add([f"{i:064x}" for i in range(100, 20100)], unit_rows(20000, 1))   # 2.6 MB more
     ballast = fill(small_disk, leave=64 * 1024)
     with pytest.raises(StoreError, match=rf"cannot write a new version in {directory} \(No space left on device.*"
-                                         rf"the current version \(v-\d+-\d+\) is unchanged"):
+                                         rf"the current version \(v-\d+-\d+\) is unchanged") as error:
         index.save(directory)
     assert visible(directory) == first   # no half-written version, no temporary folder left
     assert len(RegionIndex.load(directory)) == 100 and len(RegionIndex.load(directory, mapped=True)) == 100
@@ -71,6 +73,9 @@ def test_a_version_that_does_not_fit_leaves_the_previous_one_current(small_disk)
     ballast.unlink()
     index.save(directory)
     assert len(RegionIndex.load(directory)) == 20100 and len(visible(directory)) == 2   # CURRENT + one version
+    record_figures("disk_full_version_save", {
+        "filesystem": "tmpfs 48 MB, ballast leaving 64 kB", "error": str(error.value).replace(str(small_disk), "<disk>"),
+        "previous_version_loads": True, "left_behind": 0, "saved_after_freeing": True})
 
 
 def test_build_index_on_a_full_disk_stops_clearly_and_the_next_run_completes(small_disk, tmp_path, bench_dir,
@@ -102,7 +107,9 @@ def test_build_index_on_a_full_disk_stops_clearly_and_the_next_run_completes(sma
     for i, name in enumerate(BENCH_FILES[10:], start=10):   # 4 new frames: ~120 kB of maps each
         shutil.copy(bench_dir / name, source / f"{i:02d}_{Path(name).name}")
     ballast = fill(small_disk, leave=96 * 1024)
+    start = time.monotonic()
     full = build_index()
+    failed_s = time.monotonic() - start
     assert full.returncode == 1, full.stderr[-3000:]
     message = full.stderr.strip().splitlines()[-1]
     assert message.startswith(f"objret: error: cannot write {workdir}/") and "No space left on device" in message
@@ -111,9 +118,15 @@ def test_build_index_on_a_full_disk_stops_clearly_and_the_next_run_completes(sma
     assert not [p for p in workdir.rglob(".*.tmp") if p.is_file()]   # no temporary file left behind
 
     ballast.unlink()
+    start = time.monotonic()
     done = build_index()
     assert done.returncode == 0, done.stderr[-3000:]
     assert indexed_frames() == 14
+    record_figures("disk_full_build_index", {
+        "filesystem": "tmpfs 48 MB, ballast leaving 96 kB", "exit_status": full.returncode,
+        "message": message.replace(str(small_disk), "<disk>"), "tracebacks": 0, "index_frames_after_failure": 10,
+        "failing_run_s": round(failed_s, 1), "index_frames_after_freeing": 14,
+        "completing_run_s": round(time.monotonic() - start, 1)})
 
 
 def test_a_push_on_a_full_disk_keeps_the_last_dataset_version(small_disk, bench_dir):
@@ -134,10 +147,12 @@ def test_a_push_on_a_full_disk_keeps_the_last_dataset_version(small_disk, bench_
     # Room for the new images and annotations but not for DVC's copies of them in its cache (DVC logs the failed
     # copies and writes the .dvc file all the same: objret checks the cache and puts the last one back), then
     # room for nothing.
+    errors = {}
     for leave, where in ((700 * 1024, "into its cache"), (200 * 1024, "cannot write")):
         ballast = fill(small_disk, leave=leave)
         with pytest.raises(StoreError, match=where) as failed:
             push_report("rep-2", frames[3:12])
+        errors[f"{leave // 1024} kB free"] = str(failed.value).replace(str(small_disk), "<disk>")
         assert str(small_disk) in str(failed.value) and ("No space left on device" in str(failed.value)
                                                          or "cache" in str(failed.value))
         assert [v["md5"] for v in registry.versions()] == [v1.md5] and registry.current_md5() == v1.md5
@@ -149,3 +164,5 @@ def test_a_push_on_a_full_disk_keeps_the_last_dataset_version(small_disk, bench_
     v2 = push_report("rep-2", frames[3:12])
     assert v2.number == 2 and registry.current_md5() == v2.md5
     assert len(list((registry.dataset_dir / "images").iterdir())) == 12
+    record_figures("disk_full_push", {"errors": errors, "versions_after_each_failure": 1,
+                                      "last_version_checked_out_whole": True, "pushed_after_freeing": True})

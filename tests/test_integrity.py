@@ -20,10 +20,17 @@ from objret.graph.store import load_graph, save_graph
 from objret.index.region_index import RegionIndex
 from objret.regions.sources import FrameRegions
 from objret.regions.store import RegionStore
+from tests.helpers.figures import record_figures
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 DAMAGES = ("truncate", "flip")
+DETECTED: dict[str, str] = {}   # "<artifact> <damage>": the error's first words, for hardening.json
+
+
+def detected(what: str, error: pytest.ExceptionInfo) -> None:
+    DETECTED[what] = str(error.value).split(" (")[0].split(" is ")[0][:80]
+    record_figures("tampering", {"detected": len(DETECTED), "cases": dict(sorted(DETECTED.items()))})
 
 
 def damage(path: Path, how: str) -> None:
@@ -54,8 +61,9 @@ def test_a_damaged_region_index_file_is_named(tmp_path, name, how):
         assert len(RegionIndex.load(tmp_path, mapped=mapped)) == 200
     damage(current(tmp_path) / name, how)
     for mapped in (False, True):
-        with pytest.raises(ObjretError, match=rf"region index .*unusable .*{name}.*(bytes|sha256)"):
+        with pytest.raises(ObjretError, match=rf"region index .*unusable .*{name}.*(bytes|sha256)") as error:
             RegionIndex.load(tmp_path, mapped=mapped)
+        detected(f"region index {name} {how}{' mapped' if mapped else ''}", error)
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -67,8 +75,9 @@ def test_a_damaged_feature_shard_is_named(tmp_path, how):
                                atol=1e-2)
     damage(shard, how)
     fresh = FeatureCache(tmp_path, "key")
-    with pytest.raises(ObjretError, match=rf"feature shard {shard} is truncated or damaged"):
+    with pytest.raises(ObjretError, match=rf"feature shard {shard} is truncated or damaged") as error:
         fresh.load(list(maps), "layer3")
+    detected(f"feature shard {how}", error)
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -81,8 +90,9 @@ def test_a_damaged_region_batch_is_named(tmp_path, how):
     batch = store.write(per_frame)
     assert len(store.load()) == 180
     damage(batch, how)
-    with pytest.raises(ObjretError, match=rf"region batch {batch} is truncated or damaged"):
+    with pytest.raises(ObjretError, match=rf"region batch {batch} is truncated or damaged") as error:
         store.load()
+    detected(f"region batch {how}", error)
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -94,8 +104,9 @@ def test_a_damaged_graph_file_is_named(tmp_path, name, how):
     save_graph(tmp_path, graph, katz_centrality(graph.matrix).values, np.arange(3), x[:3], manifest)
     assert load_graph(tmp_path).nodes == 300
     damage(current(tmp_path) / name, how)
-    with pytest.raises(ObjretError, match=rf"region graph in .*unusable .*{name}.*(bytes|sha256)"):
+    with pytest.raises(ObjretError, match=rf"region graph in .*unusable .*{name}.*(bytes|sha256)") as error:
         load_graph(tmp_path)
+    detected(f"region graph {name} {how}", error)
 
 
 def test_hashes_are_checked_once_per_change_of_a_file(tmp_path, monkeypatch):

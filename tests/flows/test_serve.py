@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.fixtures.services import stop_group
+from tests.helpers.figures import record_figures
 from tests.helpers.polling import wait_until
 from tasks.report_ledger import ReportLedger
 
@@ -178,6 +179,12 @@ def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_sc
     assert entry["attempt"] == 2 and len({h["run_id"] for h in attempts}) == 2 and attempts[0]["pid"] == first
     assert [h["state"] for h in entry["history"]] == ["submitted", "running", "submitted", "running", "mined"]
     assert "lapsed" in entry["history"][2]["source"]
+    at = [_ts(h["at"]) for h in entry["history"]]
+    record_figures("report_lease", {
+        "lease_s": LEASE_S, "requeue_interval_s": LEASE_S / 2, "attempts": entry["attempt"],
+        "sent_again_after_claim_s": round(at[2] - at[1], 1), "claimed_again_after_s": round(at[3] - at[2], 1),
+        "mined_after_second_claim_s": round(at[4] - at[3], 1), "frames_in_dataset_once": True,
+        "killed_run_state": "CRASHED"})
 
     # Every mined report is in the retraining dataset, each frame once; the failed one left nothing there.
     coco = json.loads((work / "datasets" / "retraining" / "annotations.json").read_text())

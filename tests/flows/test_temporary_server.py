@@ -14,6 +14,8 @@ import time
 import psutil
 import pytest
 
+from tests.helpers.figures import record_figures
+
 from flows.temporary_server import temporary_prefect_server
 
 pytestmark = pytest.mark.slow
@@ -65,7 +67,10 @@ def test_a_killed_build_index_leaves_no_prefect_server(tmp_path, bench_dir, sign
         # SIGTERM: Prefect marks the flow run crashed and the command ends by the signal; rarely Python drops it
         # (it lands in a destructor: "Exception ignored") and the build completes. Either way it ends.
         assert command.returncode in ((-signum,) if signum == signal.SIGKILL else (-signum, 0))
+        died = time.monotonic()
         assert _gone(server, 20), f"the Prefect server {server.pid} outlived `objret build-index` killed by {signum!r}"
+        record_figures(f"no_stray_server_{signal.Signals(signum).name}", {
+            "server_gone_after_command_s": round(time.monotonic() - died, 2), "stray_processes": 0})
     finally:
         if command.poll() is None:
             command.kill()

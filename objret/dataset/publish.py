@@ -106,7 +106,11 @@ def publish(source_root: str, dest_root: str, endpoint_url: str | None = None, g
     dest = storage.join(dest_root, ANNOTATIONS_FILE)
     for attempt in range(PUBLISH_ATTEMPTS):
         data, token = storage.read_versioned(dest, endpoint_url)
-        merged = merge_published(parse_annotations(data, dest) if data is not None else None, local)
+        try:
+            merged = merge_published(parse_annotations(data, dest) if data is not None else None, local)
+        except (KeyError, TypeError, AttributeError) as exc:   # valid JSON, but not a dataset objret published
+            raise StoreError(f"{dest} cannot be merged into: an entry lacks or misnames {exc}; it was left as it is "
+                             "(move it aside to publish afresh)") from exc
         merged_bytes = local_bytes if merged is local else dataset_bytes(merged)
         if merged_bytes == data:
             return written

@@ -12,6 +12,7 @@ from objret import storage
 from objret.dataset import publish as publishing
 from objret.dataset.coco import push, remove_frames
 from objret.dataset.publish import merge_published, publish
+from objret.errors import StoreError
 from tests.dataset.test_coco import PROVENANCE, check_valid_coco, frame_paths, make_report, mined  # noqa: F401
 
 BUCKET = "objret-shared"
@@ -109,3 +110,15 @@ def test_the_write_is_conditional_on_the_version_read(tmp_path, shared_root):
     assert storage.write_if_unchanged(uri, b"v2", token)
     assert not storage.write_if_unchanged(uri, b"v3", token)         # stale: v2 is there
     assert storage.read_bytes(uri) == b"v2"
+
+
+def test_a_published_file_that_is_not_a_dataset_of_objret_is_named_and_left_alone(tmp_path, frame_paths):
+    a, _ = _registry(tmp_path, "a", {"rep-a1": [0, 1]}, frame_paths)
+    shared = tmp_path / "published"
+    shared.mkdir()
+    foreign = {"images": [{"id": 1, "file_name": "x.jpg"}], "categories": [],
+               "annotations": [{"id": 1, "image_id": 7, "objret": {"report_id": "other"}}]}   # image 7: none
+    (shared / "annotations.json").write_text(json.dumps(foreign))
+    with pytest.raises(StoreError, match=rf"{shared / 'annotations.json'} cannot be merged into: .*7.*left as it is"):
+        publish(a, str(shared))
+    assert json.loads((shared / "annotations.json").read_text()) == foreign

@@ -111,7 +111,8 @@ def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_sc
              "--set", "service.refresh_cron=* * * * *", "--set", "service.mine_concurrency=2",
              "--set", f"service.watch.sources=[{watch}]", "--set", "service.watch.interval_s=15",
              "--set", f"service.lease_s={LEASE_S}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},   # runs picked up within 2 s, not 10 s
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait("the deployments", lambda: httpx.get(f"{prefect_api}/deployments/name/mine-report/mine",
                                                    timeout=5).status_code == 200, 120, serve_log)

@@ -138,13 +138,7 @@ class DatasetRegistry:
             return md5
         except BaseException as exc:
             try:
-                if before is None:
-                    dvc_file.unlink(missing_ok=True)
-                elif not dvc_file.exists() or dvc_file.read_bytes() != before:
-                    try:
-                        storage.write_bytes(str(dvc_file), before)
-                    except StoreError:   # a full disk: in place then (truncating frees the blocks it needs)
-                        dvc_file.write_bytes(before)
+                _put_back(dvc_file, before)
             except (OSError, StoreError) as restore:   # the next commit writes it again in any case
                 exc.add_note(f"{dvc_file} could not be put back ({restore})")
             if isinstance(exc, OSError):
@@ -234,6 +228,17 @@ class DatasetRegistry:
             else:
                 repo.checkout(targets=[target], force=True)
         return self.dataset_dir
+
+
+def _put_back(path: Path, before: bytes | None) -> None:
+    """``path`` as it was (``before``; None: absent)."""
+    if before is None:
+        path.unlink(missing_ok=True)
+    elif not path.exists() or path.read_bytes() != before:
+        try:
+            storage.write_bytes(str(path), before)
+        except StoreError:   # a full disk: in place then (truncating frees the blocks it needs)
+            path.write_bytes(before)
 
 
 def _md5_of(dvc_file: Path) -> str:

@@ -61,3 +61,16 @@ def test_a_flow_command_shows_prefect_no_credentials(prefect_api, bench_dir, tmp
     logs = httpx.post(f"{prefect_api}/logs/filter", timeout=10, json={
         "logs": {"flow_run_id": {"any_": [r["id"] for r in mine]}}, "limit": 200}).json()
     assert logs and not any(SECRET in entry["message"] for entry in logs)
+
+
+def test_an_objret_error_is_logged_without_its_traceback_and_a_bug_with_it(caplog):
+    from objret.errors import StoreError
+
+    logger = logging.getLogger("objret.test_log_records")
+    for exc in (StoreError("cannot write x: No space left on device"), RuntimeError("a bug")):
+        try:
+            raise exc
+        except Exception:
+            logger.error("failed", exc_info=True)
+    assert [record.exc_info is None for record in caplog.records] == [True, False]
+    assert "Traceback" not in caplog.records[0].getMessage() and "RuntimeError" in caplog.text

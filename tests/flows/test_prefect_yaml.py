@@ -18,6 +18,7 @@ import yaml
 
 from flows.serve import deployments
 from objret.config import load_params
+from tests.helpers.polling import wait_until
 from tasks.report_ledger import ReportLedger
 from tests.fixtures.services import stop_group
 
@@ -108,8 +109,13 @@ def test_deploy_all_and_a_process_worker_mine_a_submitted_report(prefect_api, be
             assert time.monotonic() < deadline, f"no run mined the report; worker log:\n{log.read_text()[-6000:]}"
             time.sleep(2)
         assert entry["state"] == "mined" and entry["mined"] == 3, entry
-        run = api.get(f"/flow_runs/{entry['run_id']}").json()   # the run that claimed the report
-        assert run["state_type"] == "COMPLETED"
+
+        def ended():   # the run that claimed the report; the ledger says mined a moment before the run ends
+            run = api.get(f"/flow_runs/{entry['run_id']}").json()
+            return run if run["state_type"] not in ("PENDING", "RUNNING") else None
+
+        run = wait_until(ended, 60, 1)
+        assert run and run["state_type"] == "COMPLETED", run
         assert run["deployment_id"] == deployed["mine-report/mine"]["id"] and run["work_pool_name"] == "objret"
         assert run["parameters"]["report"]["report_id"] == "pool-1"
     finally:

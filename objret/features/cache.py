@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -179,9 +180,13 @@ def cpu_has_native_bf16() -> bool:
 def extract_maps(backbone: Backbone, images: Sequence[tuple[str, np.ndarray]], batch_size: int = 8,
                  device: torch.device | None = None, autocast: bool = True) -> dict[str, dict[str, np.ndarray]]:
     """Run the backbone over ``[(frame_id, RGB array)]`` -> ``{frame_id: {layer: fp16 C x h x w}}``."""
-    device = device or pick_device()
-    backbone.to(device)
     tensors = [(fid, preprocess(img, backbone.spec.preprocessing)) for fid, img in images]
+    return _maps_of(backbone, tensors, batch_size, device or pick_device(), autocast)
+
+
+def _maps_of(backbone: Backbone, tensors: list[tuple[str, torch.Tensor]], batch_size: int, device: torch.device,
+             autocast: bool) -> dict[str, dict[str, np.ndarray]]:
+    backbone.to(device)
     out: dict[str, dict[str, np.ndarray]] = {}
     for batch in _batches_by_shape(tensors, batch_size):
         maps = forward(backbone, torch.stack([t for _, t in batch]), device, autocast)
@@ -206,29 +211,41 @@ def cache_features(backbone: Backbone, cache: FeatureCache, frames: Sequence, re
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="frame", desc="features", disable=not progress, dynamic_ncols=True)
 
-    def decode(frame):
+    pre = backbone.spec.preprocessing
+
+    def prepare(frame):   # decoded and resized off the main thread: PIL releases the GIL while it works
         try:
-            return frame.frame_id, read_image(frame.image_uri)
+            return frame.frame_id, preprocess(read_image(frame.image_uri), pre)
         except BadFrameError as exc:
             return frame.frame_id, exc
 
     meta = {"cache_key": cache.cache_key, "backbone": backbone.spec.name}
+    device = device or pick_device()
     chunks = [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # Decode the next shard's frames while the backbone runs on this one; one shard ahead bounds memory.
-        upcoming = pool.submit(lambda c: [decode(f) for f in c], chunks[0]) if chunks else None
+    # A pipeline one shard deep on each side of the backbone: the next shard's frames are decoded (by the cores
+    # the backbone leaves idle: one on a CPU-only machine, most of them beside a GPU), and the last shard is
+    # written (CRC, fsync), while the backbone runs on this one. One shard each way bounds memory; waiting for
+    # the last write before handing over the next keeps write errors in shard order.
+    readers = max(1, (os.cpu_count() or 1) - (torch.get_num_threads() if device.type == "cpu" else 1))
+    with ThreadPoolExecutor(max_workers=readers) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+        upcoming = [reader.submit(prepare, f) for f in chunks[0]] if chunks else []
+        written = None
         for i in range(len(chunks)):
-            decoded = upcoming.result()
-            if i + 1 < len(chunks):
-                upcoming = pool.submit(lambda c: [decode(f) for f in c], chunks[i + 1])
-            images = []
-            for fid, result in decoded:
+            prepared = [job.result() for job in upcoming]
+            upcoming = [reader.submit(prepare, f) for f in chunks[i + 1]] if i + 1 < len(chunks) else []
+            tensors = []
+            for fid, result in prepared:
                 if isinstance(result, Exception):
                     failed.append((fid, str(result)))
                 else:
-                    images.append((fid, result))
-            if images:
-                cache.write_shard(extract_maps(backbone, images, batch_size, device, autocast), meta)
-            bar.update(len(decoded))
+                    tensors.append((fid, result))
+            if tensors:
+                maps = _maps_of(backbone, tensors, batch_size, device, autocast)
+                if written is not None:
+                    written.result()
+                written = writer.submit(cache.write_shard, maps, meta)
+            bar.update(len(prepared))
+        if written is not None:
+            written.result()
     bar.close()
     return CacheResult(len(todo) - len(failed), already, failed, time.perf_counter() - start)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from objret.features import backbone as backbone_module
 from objret.features.backbone import Preprocessing, build_backbone, preprocess, resized_shape
@@ -170,6 +172,14 @@ def test_resized_shape_and_preprocess(bench_dir):
     assert tuple(x.shape) == (3, 64, 32)
     assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.5), atol=1e-5)
 
+    # Per channel, bit for bit the float32 formula (x / 255 - mean) / std: the cache's maps do not depend on how
+    # it is computed (channels with different mean and std catch a channel mix-up).
+    pre = Preprocessing(320, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    resized = np.asarray(Image.fromarray(kitti).resize((320, 97), Image.BILINEAR), dtype=np.float32)
+    formula = (torch.from_numpy(resized / 255.0).permute(2, 0, 1) - torch.tensor(pre.mean).view(3, 1, 1)) \
+        / torch.tensor(pre.std).view(3, 1, 1)
+    assert torch.equal(preprocess(kitti, pre), formula)
+
 
 def test_cache_key_changes_with_configuration(lite0):
     import dataclasses
@@ -194,3 +204,24 @@ def test_stride8_maps_come_from_the_same_network(lite0):
     reference = lite0(x)
     for layer in ("stride16", "stride32"):
         torch.testing.assert_close(maps[layer], reference[layer])
+
+
+def test_importing_objret_backs_torch_buffers_with_huge_pages_unless_the_user_chose():
+    """objret turns on PyTorch's transparent-huge-page allocation (THP_MEM_ALLOC_ENABLE) before torch allocates,
+    and leaves a value the user set alone."""
+    import os
+    import subprocess
+    import sys
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("this kernel has transparent huge pages off")
+    probe = ("import os, objret, torch; x = torch.ones(16 * 2**20); print(os.environ['THP_MEM_ALLOC_ENABLE'], "
+             "sum(int(line.split()[1]) for line in open('/proc/self/smaps') if line.startswith('AnonHugePages')))")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    value, huge_kb = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()
+    assert value == "1" and int(huge_kb) >= 32 * 1024   # most of the 64 MB tensor on 2 MB pages
+    value, huge_kb = subprocess.run([sys.executable, "-c", probe], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                                    capture_output=True, text=True, check=True).stdout.split()
+    assert value == "0" and int(huge_kb) < 32 * 1024

@@ -1,0 +1,72 @@
+"""The backbone forward with and without PyTorch's transparent-huge-page buffers, alternating, in one run.
+
+    python benchmarks/huge_pages.py --bench ../shared/bench --pairs 3
+
+objret sets THP_MEM_ALLOC_ENABLE=1 when it is imported (objret/__init__.py). This runs the bare forward of the
+default backbone over the same frames in fresh processes with it on and off, alternately (the variable is read
+once per process), and writes frames/s per run and the median ratio to benchmarks/results/huge_pages.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = """
+import sys, time, torch
+from pathlib import Path
+from objret.config import load_params
+from objret.features.backbone import build_backbone, pick_device, preprocess
+from objret.features.cache import forward
+from objret.ingest.decode import load_image
+images, passes, batch = sorted(Path(sys.argv[1]).glob("*.jpg"))[: int(sys.argv[2])], int(sys.argv[3]), 8
+f = load_params().features
+backbone = build_backbone(f.backbone, tuple(f.layers), f.max_side, f.resnet50_weights)
+tensors = [preprocess(load_image(str(p)), backbone.spec.preprocessing) for p in images]
+device = pick_device()
+backbone.to(device)
+forward(backbone, torch.stack(tensors[:batch]), device)   # warm-up
+start = time.perf_counter()
+for _ in range(passes):
+    for i in range(0, len(tensors), batch):
+        forward(backbone, torch.stack(tensors[i:i + batch]), device)
+print(passes * len(tensors) / (time.perf_counter() - start))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", default=str(Path(__file__).resolve().parents[2] / "shared" / "bench"))
+    parser.add_argument("--set", default="pets09_s2l1")
+    parser.add_argument("--frames", type=int, default=48)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "huge_pages.json"))
+    args = parser.parse_args()
+
+    images = str(Path(args.bench, args.set, "images"))
+    runs: dict[str, list[float]] = {"on": [], "off": []}
+    for pair in range(args.pairs):
+        for setting, value in (("on", "1"), ("off", "0")):
+            env = {**os.environ, "THP_MEM_ALLOC_ENABLE": value}
+            out = subprocess.run([sys.executable, "-c", CHILD, images, str(args.frames), str(args.passes)], env=env,
+                                 capture_output=True, text=True, check=True)
+            runs[setting].append(float(out.stdout.split()[-1]))
+            print(f"  pair {pair + 1}, huge pages {setting:3s}: {runs[setting][-1]:6.2f} frames/s", flush=True)
+    ratios = [a / b for a, b in zip(runs["on"], runs["off"])]
+    figures = {"frames": args.frames, "passes": args.passes, "pairs": args.pairs,
+               "thp_setting": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip(),
+               "frames_per_s_on": runs["on"], "frames_per_s_off": runs["off"],
+               "on_over_off_median": statistics.median(ratios)}
+    Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"bare forward with huge pages {figures['on_over_off_median']:.2f}x the forward without (median of "
+          f"{args.pairs} alternating pairs)")
+
+
+if __name__ == "__main__":
+    main()

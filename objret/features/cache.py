@@ -226,7 +226,8 @@ def cache_features(backbone: Backbone, cache: FeatureCache, frames: Sequence, re
     # the backbone leaves idle: one on a CPU-only machine, most of them beside a GPU), and the last shard is
     # written (CRC, fsync), while the backbone runs on this one. One shard each way bounds memory; waiting for
     # the last write before handing over the next keeps write errors in shard order.
-    readers = max(1, (os.cpu_count() or 1) - (torch.get_num_threads() if device.type == "cpu" else 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    readers = max(1, cores - (torch.get_num_threads() if device.type == "cpu" else 1))
     with ThreadPoolExecutor(max_workers=readers) as reader, ThreadPoolExecutor(max_workers=1) as writer:
         upcoming = [reader.submit(prepare, f) for f in chunks[0]] if chunks else []
         written = None

@@ -24,7 +24,7 @@ import torch
 
 from objret.features.backbone import pick_device, preprocess
 from objret.config import load_params
-from objret.features.cache import forward
+from objret.features.cache import forward, use_huge_page_buffers
 from objret.steps import features as features_step
 from objret.steps import store as store_step
 from objret.steps.workspace import Workspace
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "feature_caching.json"))
     args = parser.parse_args()
+    use_huge_page_buffers()   # as `objret build-index` runs the features step
 
     overrides = [f"features.backbone={args.backbone}", f"features.max_side={args.max_side}",
                  f"features.batch_size={args.batch_size}"]

@@ -1,10 +1,12 @@
-"""The backbone forward with and without PyTorch's transparent-huge-page buffers, alternating, in one run.
+"""The backbone forward, and mining, with and without PyTorch's transparent-huge-page buffers, alternating.
 
-    python benchmarks/huge_pages.py --bench ../shared/bench --pairs 3
+    python benchmarks/huge_pages.py --bench ../shared/bench --pairs 3 [--workdir W]
 
-objret sets THP_MEM_ALLOC_ENABLE=1 when it is imported (objret/__init__.py). This runs the bare forward of the
-default backbone over the same frames in fresh processes with it on and off, alternately (the variable is read
-once per process), and writes frames/s per run and the median ratio to benchmarks/results/huge_pages.json.
+`objret build-index` sets THP_MEM_ALLOC_ENABLE=1 (objret.features.cache.use_huge_page_buffers); mining processes
+do not. This runs the bare forward of the default backbone over the same frames in fresh processes with it on
+and off, alternately (the variable is read once per process). With ``--workdir`` (a work folder whose index is
+built, e.g. by `objret eval`) it also runs benchmarks/mining_latency.py there with it on and off, alternately.
+Frames/s and latencies per run, and the median ratios, go to benchmarks/results/huge_pages.json.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 CHILD = """
@@ -46,6 +49,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=48)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--workdir", help="a built work folder: also time mining there (mining_latency.py)")
+    parser.add_argument("--reports", type=int, default=20)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "huge_pages.json"))
     args = parser.parse_args()
 
@@ -63,9 +68,35 @@ def main() -> None:
                "thp_setting": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip(),
                "frames_per_s_on": runs["on"], "frames_per_s_off": runs["off"],
                "on_over_off_median": statistics.median(ratios)}
+    if args.workdir:
+        figures["mining"] = mining(args)
     Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")
     print(f"bare forward with huge pages {figures['on_over_off_median']:.2f}x the forward without (median of "
           f"{args.pairs} alternating pairs)")
+    if args.workdir:
+        m = figures["mining"]
+        print(f"mining (template matching and fusion, median of {args.reports} reports) with huge pages "
+              f"{m['rank_on_over_off_median']:.2f}x the time without")
+
+
+def mining(args) -> dict:
+    """Median seconds a report spends ranking (template matching + fusion) and in all, huge pages on and off."""
+    script = Path(__file__).resolve().parent / "mining_latency.py"
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(args.pairs):
+            for setting, value in (("on", "1"), ("off", "0")):
+                out = Path(tmp) / f"{setting}-{pair}.json"
+                subprocess.run([sys.executable, str(script), "--bench", args.bench, "--workdir", args.workdir,
+                                "--reports", str(args.reports), "--out", str(out)],
+                               env={**os.environ, "THP_MEM_ALLOC_ENABLE": value}, capture_output=True, check=True)
+                timing = json.loads(out.read_text())["all"]
+                runs[setting].append({"rank_s": timing["rank_s"]["median_s"], "total_s": timing["total_s"]["median_s"]})
+                print(f"  pair {pair + 1}, mining, huge pages {setting:3s}: rank {runs[setting][-1]['rank_s']:.3f} s, "
+                      f"total {runs[setting][-1]['total_s']:.3f} s", flush=True)
+    ratios = [a["rank_s"] / b["rank_s"] for a, b in zip(runs["on"], runs["off"])]
+    return {"reports": args.reports, "on": runs["on"], "off": runs["off"],
+            "rank_on_over_off_median": statistics.median(ratios)}
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ def _flow_kwargs(args) -> dict:
 
 
 def cmd_build_index(args) -> int:
+    from objret.features.cache import use_huge_page_buffers
+
+    use_huge_page_buffers()   # before torch allocates; Dask workers of a scale-out build inherit it
     from flows.build_index import build_index_flow
 
     only = [s.strip() for s in args.only.split(",")] if args.only else None

@@ -206,9 +206,9 @@ def test_stride8_maps_come_from_the_same_network(lite0):
         torch.testing.assert_close(maps[layer], reference[layer])
 
 
-def test_importing_objret_backs_torch_buffers_with_huge_pages_unless_the_user_chose():
-    """objret turns on PyTorch's transparent-huge-page allocation (THP_MEM_ALLOC_ENABLE) before torch allocates,
-    and leaves a value the user set alone."""
+def test_huge_page_buffers_for_feature_caching_only_and_unless_the_user_chose():
+    """use_huge_page_buffers (what `objret build-index` calls first) puts torch's large CPU buffers on transparent
+    huge pages; importing objret alone (a mining process) does not; a value the user set wins."""
     import os
     import subprocess
     import sys
@@ -216,12 +216,19 @@ def test_importing_objret_backs_torch_buffers_with_huge_pages_unless_the_user_ch
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[never]" in thp.read_text():
         pytest.skip("this kernel has transparent huge pages off")
-    probe = ("import os, objret, torch; x = torch.ones(16 * 2**20); print(os.environ['THP_MEM_ALLOC_ENABLE'], "
-             "sum(int(line.split()[1]) for line in open('/proc/self/smaps') if line.startswith('AnonHugePages')))")
+
+    def probe(call: bool, env: dict) -> tuple[str, int]:
+        code = ("import os, objret.features.cache as c; " + ("c.use_huge_page_buffers(); " if call else "")
+                + "import torch; x = torch.ones(16 * 2**20); print(os.environ.get('THP_MEM_ALLOC_ENABLE', '-'), "
+                "sum(int(line.split()[1]) for line in open('/proc/self/smaps') if line.startswith('AnonHugePages')))")
+        value, huge_kb = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                        check=True).stdout.split()
+        return value, int(huge_kb)
+
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    value, huge_kb = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                                    check=True).stdout.split()
-    assert value == "1" and int(huge_kb) >= 32 * 1024   # most of the 64 MB tensor on 2 MB pages
-    value, huge_kb = subprocess.run([sys.executable, "-c", probe], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
-                                    capture_output=True, text=True, check=True).stdout.split()
-    assert value == "0" and int(huge_kb) < 32 * 1024
+    value, huge_kb = probe(True, env)
+    assert value == "1" and huge_kb >= 32 * 1024   # most of the 64 MB tensor on 2 MB pages
+    value, huge_kb = probe(False, env)
+    assert value == "-" and huge_kb < 32 * 1024
+    value, huge_kb = probe(True, {**env, "THP_MEM_ALLOC_ENABLE": "0"})
+    assert value == "0" and huge_kb < 32 * 1024

@@ -213,6 +213,9 @@ def _print_mining(result: dict) -> None:
 
 
 def cmd_demo(args) -> int:
+    from objret.features.cache import use_huge_page_buffers
+
+    use_huge_page_buffers()   # the main job caches the video's features, as build-index does
     from flows.build_index import build_index_flow
     from flows.mine import mine_flow
     from objret.config import load_params

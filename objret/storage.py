@@ -104,9 +104,9 @@ def s3_client(endpoint_url: str | None = None):
     from botocore.config import Config
 
     # One attempt per call (total_max_attempts; botocore's max_attempts counts retries): _retrying() retries
-    # whole operations.
+    # whole operations. 32 pooled connections: the feature cache's reader threads (one per spare core) share it.
     config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=CONNECT_TIMEOUT_S,
-                    read_timeout=READ_TIMEOUT_S)
+                    read_timeout=READ_TIMEOUT_S, max_pool_connections=32)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     # A fresh session: boto3's default one caches the credentials it first resolved, so cache_clear()
     # would not pick up changed keys.

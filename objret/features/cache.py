@@ -35,7 +35,8 @@ def use_huge_page_buffers() -> None:
     ``THP_MEM_ALLOC_ENABLE``, read once, at torch's first allocation: call this before one; a value the user set
     wins). For processes that cache features: the backbone's forward ran 1.75x faster with it on a 2-core AVX-512
     CPU (benchmarks/huge_pages.py). Mining showed no clear gain (template matching 0.96x the time in one run,
-    1.16x in another), so processes that mine are left as the user runs them."""
+    1.16x in another), so processes that only mine (and `objret eval`, whose timings stand for them) are left as
+    the user runs them; `objret build-index` and `objret demo` call this."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 

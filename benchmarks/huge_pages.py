@@ -20,26 +20,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-CHILD = """
-import sys, time, torch
-from pathlib import Path
-from objret.config import load_params
-from objret.features.backbone import build_backbone, pick_device, preprocess
-from objret.features.cache import forward
-from objret.ingest.decode import load_image
-images, passes, batch = sorted(Path(sys.argv[1]).glob("*.jpg"))[: int(sys.argv[2])], int(sys.argv[3]), 8
-f = load_params().features
-backbone = build_backbone(f.backbone, tuple(f.layers), f.max_side, f.resnet50_weights)
-tensors = [preprocess(load_image(str(p)), backbone.spec.preprocessing) for p in images]
-device = pick_device()
-backbone.to(device)
-forward(backbone, torch.stack(tensors[:batch]), device)   # warm-up
-start = time.perf_counter()
-for _ in range(passes):
-    for i in range(0, len(tensors), batch):
-        forward(backbone, torch.stack(tensors[i:i + batch]), device)
-print(passes * len(tensors) / (time.perf_counter() - start))
-"""
+def forward_frames_per_s(images: str, frames: int, passes: int) -> float:
+    """In this process: the default backbone's bare forward over the first ``frames`` images, ``passes`` times."""
+    import torch
+
+    from feature_caching import bare_forward   # this folder is the script's, so first on sys.path
+    from objret.config import load_params
+    from objret.features.backbone import build_backbone, pick_device, preprocess
+    from objret.features.cache import forward
+    from objret.ingest.decode import load_image
+
+    f = load_params().features
+    backbone = build_backbone(f.backbone, tuple(f.layers), f.max_side, f.resnet50_weights)
+    tensors = [preprocess(load_image(str(p)), backbone.spec.preprocessing)
+               for p in sorted(Path(images).glob("*.jpg"))[:frames]]
+    device = pick_device()
+    backbone.to(device)
+    forward(backbone, torch.stack(tensors[:8]), device)   # warm-up
+    return passes * len(tensors) / sum(bare_forward(backbone, tensors, 8, device)[0] for _ in range(passes))
 
 
 def main() -> None:
@@ -52,14 +50,18 @@ def main() -> None:
     parser.add_argument("--workdir", help="a built work folder: also time mining there (mining_latency.py)")
     parser.add_argument("--reports", type=int, default=20)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "huge_pages.json"))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)   # one timed process
     args = parser.parse_args()
+    if args.child:
+        print(forward_frames_per_s(str(Path(args.bench, args.set, "images")), args.frames, args.passes))
+        return
 
-    images = str(Path(args.bench, args.set, "images"))
     runs: dict[str, list[float]] = {"on": [], "off": []}
     for pair in range(args.pairs):
         for setting, value in (("on", "1"), ("off", "0")):
             env = {**os.environ, "THP_MEM_ALLOC_ENABLE": value}
-            out = subprocess.run([sys.executable, "-c", CHILD, images, str(args.frames), str(args.passes)], env=env,
+            out = subprocess.run([sys.executable, __file__, "--child", "--bench", args.bench, "--set", args.set,
+                                  "--frames", str(args.frames), "--passes", str(args.passes)], env=env,
                                  capture_output=True, text=True, check=True)
             runs[setting].append(float(out.stdout.split()[-1]))
             print(f"  pair {pair + 1}, huge pages {setting:3s}: {runs[setting][-1]:6.2f} frames/s", flush=True)

@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from objret.config import load_params
 from objret.errors import StoreError
 from objret.index.region_index import RegionIndex
+from objret.steps.workspace import Workspace
+from tests.helpers.crash_driver import run_steps
 from tests.helpers.figures import record_figures
 from tests.steps.test_crash_safety import BENCH_FILES, OVERRIDES
 
@@ -95,17 +98,10 @@ def test_build_index_on_a_full_disk_stops_clearly_and_the_next_run_completes(sma
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
 
     def indexed_frames() -> int:
-        from objret.config import load_params
-        from objret.steps.workspace import Workspace
-
         ws = Workspace(load_params(None, OVERRIDES), workdir)
         return RegionIndex.load(ws.current_index_dir(), mapped=True).n_frames
 
     # The first build in this process (the steps the flow runs), to keep the test short; the next two as a user.
-    from objret.config import load_params
-    from objret.steps.workspace import Workspace
-    from tests.helpers.crash_driver import run_steps
-
     run_steps(Workspace(load_params(None, OVERRIDES), workdir), [str(source)], lambda *args, **info: None)
     assert indexed_frames() == 10
     for i, name in enumerate(BENCH_FILES[10:], start=10):   # 4 new frames: ~120 kB of maps each

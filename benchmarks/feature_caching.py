@@ -102,8 +102,8 @@ def main() -> None:
     n = len(frames)
     ratio = [b / c for b, c in zip(bare_s, caching_s)]
     with_store = [b / (c + st) for b, c, st in zip(bare_s, caching_s, store_s)]
-    # CPU seconds of all threads: what a frame costs on a machine whose cores are all busy, and steadier than
-    # wall time here, where the same forward ran 2x faster or slower from one minute to the next.
+    # CPU seconds of all threads: what a frame costs on a machine whose cores are all busy (the caching path's
+    # threads contend with the backbone's for them).
     cpu_ratio = [b / c for b, c in zip(bare_cpu, caching_cpu)]
     cpu_with_store = [b / (c + st) for b, c, st in zip(bare_cpu, caching_cpu, store_cpu)]
     figures = {

@@ -187,6 +187,7 @@ class MiningParams(Section):
     small_box: float = Field(ge=0, le=1)
     layer: Layer
     mirror: bool
+    query_zoom: float = Field(ge=1)
     template_cells: int = Field(ge=1)
     scales: list[float] = Field(min_length=1)
     scale_tolerance: float = Field(ge=0)

@@ -16,7 +16,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -188,9 +188,13 @@ def cpu_has_native_bf16() -> bool:
 
 
 def extract_maps(backbone: Backbone, images: Sequence[tuple[str, np.ndarray]], batch_size: int = 8,
-                 device: torch.device | None = None, autocast: bool = True) -> dict[str, dict[str, np.ndarray]]:
-    """Run the backbone over ``[(frame_id, RGB array)]`` -> ``{frame_id: {layer: fp16 C x h x w}}``."""
-    tensors = [(fid, preprocess(img, backbone.spec.preprocessing)) for fid, img in images]
+                 device: torch.device | None = None, autocast: bool = True,
+                 max_side: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Run the backbone over ``[(frame_id, RGB array)]`` -> ``{frame_id: {layer: fp16 C x h x w}}``, the images
+    resized to the backbone's longer side or to ``max_side``."""
+    pre = backbone.spec.preprocessing
+    pre = replace(pre, max_side=max_side) if max_side else pre
+    tensors = [(fid, preprocess(img, pre)) for fid, img in images]
     return _maps_of(backbone, tensors, batch_size, device or pick_device(), autocast)
 
 

@@ -68,14 +68,14 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
 
 def match_query(query: QueryObject, stack: MapStack, layer: str, template_cells: int, scales,
                 feedback: FeedbackQuery | None = None, scale_tolerance: float = 0.0) -> MatchResult:
-    """The query's template (and its mirror view's) matched on every frame of ``stack``; with ``feedback``, each
-    accepted frame's template too, a frame taking its best."""
+    """The query's template (and its mirror view's) matched on every frame of ``stack``, a frame taking its best
+    template: a small box's zoomed view's too (objret.mining.query: its footprint spans the zoom's multiple of
+    the box's cells, so it matches the copies that much larger), and with ``feedback`` each accepted frame's."""
     templates, footprint = query_templates(query, layer, template_cells)
-    matched = match_template(templates, footprint, stack, scales, scale_tolerance=scale_tolerance)
-    if feedback is None or not feedback.templates:
-        return matched
-    return best_of([matched] + [match_template(t, fp, stack, scales, scale_tolerance=scale_tolerance)
-                                for t, fp in feedback.templates])
+    matched = [match_template(templates, footprint, stack, scales, scale_tolerance=scale_tolerance)]
+    more = [query_templates(query.zoomed, layer, template_cells)] if query.zoomed is not None else []
+    more += feedback.templates if feedback is not None else []
+    return best_of(matched + [match_template(t, fp, stack, scales, scale_tolerance=scale_tolerance) for t, fp in more])
 
 
 def fuse_evidence(region: np.ndarray, glob: np.ndarray, template: np.ndarray, region_boxes: np.ndarray,

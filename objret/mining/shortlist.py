@@ -55,10 +55,8 @@ def first_stage(search: LakeSearch, method: Method, query: QueryObject, vector: 
     if not (method.matches_template and query.is_small(mining.small_box) and search.cells is not None):
         return "regions", by_region
     layer = search.cells_layer
-    keys = [template_keys(query.maps[layer], query.box, query.image_size, mining.template_cells)]
-    if query.mirror is not None:
-        m = query.mirror
-        keys.append(template_keys(m.maps[layer], m.box, m.image_size, mining.template_cells))
+    views = [query, query.mirror, query.zoomed, query.zoomed and query.zoomed.mirror]
+    keys = [template_keys(v.maps[layer], v.box, v.image_size, mining.template_cells) for v in views if v is not None]
     by_cell = search.cell_shortlist(np.concatenate(keys), k, exclude=exclude)
     return "cells+regions", interleave(by_cell, by_region, k)
 

@@ -26,7 +26,7 @@ from objret.ingest.roots import resolve_report_frame, workspace_roots
 from objret.mining.dedup import collapse_near_duplicates
 from objret.mining.feedback import Feedback
 from objret.mining.methods import get_method
-from objret.mining.query import QueryObject, mirrored_view
+from objret.mining.query import QueryObject, mirrored_view, zoomed_view
 from objret.mining.report import FailureReport, check_report_box
 from objret.mining.search import LakeSearch
 from objret.regions.encoding import RegionVectors
@@ -143,7 +143,8 @@ def resolve_query(ws: Workspace, report: FailureReport) -> tuple[Frame | None, n
 
 def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np.ndarray | None = None) -> QueryObject:
     """The query object of ``box`` on a lake ``frame`` (its cached maps) or on ``pixels`` (maps computed now),
-    with its mirror view when ``method`` matches templates and ``mining.mirror`` is on. ``box`` is checked
+    with its mirror view when ``method`` matches templates and ``mining.mirror`` is on, and a small box's frame
+    zoomed in for the cell shortlist (``mining.query_zoom``). ``box`` is checked
     against the frame (objret.mining.report.check_box_in_frame)."""
     if frame is not None and frame.frame_id in ws.cache:
         maps = {layer: ws.cache.load([frame.frame_id], layer)[frame.frame_id] for layer in ws.backbone.spec.layers}
@@ -154,9 +155,13 @@ def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np
         size = (pixels.shape[1], pixels.shape[0])
     box = check_report_box(box, *size, cell_size(ws, size))
     query = QueryObject(maps, size, box, frame_id=frame.frame_id if frame else None)
-    if ws.params.mining.mirror and get_method(method).matches_template:
+    mining = ws.params.mining
+    if get_method(method).matches_template and (mining.mirror or mining.query_zoom > 1):
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
-        query.mirror = mirrored_view(ws.backbone, pixels, box)
+        if mining.mirror:
+            query.mirror = mirrored_view(ws.backbone, pixels, box)
+        if mining.query_zoom > 1 and query.is_small(mining.small_box):
+            query.zoomed = zoomed_view(ws.backbone, pixels, box, mining.query_zoom, mining.mirror)
     return query
 
 

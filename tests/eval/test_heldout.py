@@ -55,7 +55,10 @@ def test_grid_and_overrides_round_trip_through_params():
 
 
 def test_tune_names_only_existing_mining_parameters():
-    assert load_params().eval.tune["mining.fusion"][0] == load_params().mining.fusion   # the default comes first
+    params = load_params()
+    assert params.eval.tune, "params.yaml tunes no parameter leave-one-set-out"
+    for key, values in params.eval.tune.items():   # the default comes first
+        assert values[0] == getattr(params.mining, key.removeprefix("mining.")), key
     with pytest.raises(ObjretError, match="'mining.fusoin', which is not a parameter"):
         load_params(None, ["eval.tune={mining.fusoin: [sum]}"])
     with pytest.raises(ObjretError, match="only mining parameters"):

@@ -7,7 +7,7 @@ and the lake loaded once as a LakeSearch (objret.steps.mine.load_search). For ev
 frame_query: the box on its lake frame, with its mirror view when ``mining.mirror`` is on) it computes the three
 kinds of evidence the `fused` method combines with the library's own functions, off the LakeSearch's maps:
 best region similarity + box (best_region_per_frame) and whole-frame GeM on every frame, and the template-matching
-peak + box (match_template) on the candidates objret.mining.shortlist.first_stage picks, for the parameters'
+peak + box (match_query) on the candidates objret.mining.shortlist.first_stage picks, for the parameters'
 ``mining.rerank`` and for every shortlist size a configuration below asks for (``mining.small_box``: a small box's
 candidates are every frame). They are stored in <workdir>/fusion_evidence-<key>.npz (reused by the next run while
 the parameters, the index and the queries are the same; ~1 s a query to compute on a 2-core CPU).
@@ -37,12 +37,11 @@ from objret.config import load_params
 from objret.eval.bench import load_bench
 from objret.eval.metrics import evaluate, flat_metrics
 from objret.eval.run import bench_frame_ids, gallery_entries
-from objret.mining.evidence import Ranking, best_region_per_frame, query_region_vector, query_templates
-from objret.mining.fusion import fuse_evidence
+from objret.mining.evidence import Ranking, best_region_per_frame, query_region_vector
+from objret.mining.fusion import fuse_evidence, match_query
 from objret.mining.methods import get_method
 from objret.mining.search import LakeSearch
 from objret.mining.shortlist import first_stage
-from objret.mining.template_matching import match_template
 from objret.regions.pooling import gem
 from objret.steps import features as features_step, graph as graph_step, index as index_step
 from objret.steps import ingest as ingest_step, regions as regions_step, whitening as whitening_step
@@ -173,7 +172,7 @@ def evidence_key(ws: Workspace, search: LakeSearch, bench, reranks: list[int]) -
     index_version = (ws.current_index_dir() / "CURRENT").read_text().strip()
     return hashlib.sha256(json.dumps(
         [ws.cache.cache_key, ws.index_recipe(), index_version, len(search.frame_ids), m.layer, m.template_cells,
-         m.scales, m.mirror, m.small_box, ws.params.index.gem_p, reranks, [q.id for q in bench.queries]],
+         m.scales, m.scale_tolerance, m.mirror, m.query_zoom, m.small_box, ws.params.index.gem_p, reranks, [q.id for q in bench.queries]],
         sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -212,8 +211,8 @@ def load_or_compute_evidence(ws: Workspace, bench, frame_of: dict, search: LakeS
         every = len(rows) >= n - (query.frame_id in search.row_of)
         stack = lake.stack if every else lake.subset(rows).stack
         at = np.arange(n) if every else rows
-        templates, footprint = query_templates(query, m.layer, m.template_cells)
-        matched = match_template(templates, footprint, stack, tuple(m.scales))
+        matched = match_query(query, stack, m.layer, m.template_cells, tuple(m.scales),
+                              scale_tolerance=m.scale_tolerance)
         out["template"][qi, at], out["template_boxes"][qi, at] = matched.scores, matched.boxes
     out["vectors"] = np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
     out["seconds_per_query"] = np.float64((time.perf_counter() - start) / max(1, q_count))

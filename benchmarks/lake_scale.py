@@ -192,8 +192,8 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
     """Open the lake under ``out`` as `objret mine` opens one, then rank bench queries through rank_query."""
     from objret.mining.search import LakeSearch
     from objret.mining.shortlist import rank_query
-    from objret.mining.template_matching import MapStack, match_template
-    from objret.mining.evidence import query_templates
+    from objret.mining.fusion import match_query
+    from objret.mining.template_matching import MapStack
     from objret.regions.encoding import RegionVectors
     from objret.steps.mine import frame_query
 
@@ -249,8 +249,7 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
                 part = [ids[r] for r in rows[s:s + 256]]
                 maps = store.load_maps(part)
                 stack = MapStack(part, [maps[f] for f in part], [(frames[f].width, frames[f].height) for f in part])
-                templates, footprint = query_templates(query, p.mining.layer, p.mining.template_cells)
-                match_template(templates, footprint, stack, tuple(p.mining.scales))
+                match_query(query, stack, p.mining.layer, p.mining.template_cells, tuple(p.mining.scales))
             exhaustive_per_frame.append((time.perf_counter() - t) / len(rows))
     lat = np.array(latencies)
     per_frame = float(np.median(exhaustive_per_frame))

@@ -9,17 +9,21 @@ import pytest
 import torch
 from PIL import Image
 
+from objret.boxes import iou_xywh
 from objret.features.backbone import build_backbone
 from objret.features.cache import extract_maps
 from objret.index.cell_index import template_keys
 from objret.ingest.decode import load_image
-from objret.mining.query import zoomed_view
+from objret.mining.fusion import match_query
+from objret.mining.query import QueryObject, zoomed_view
+from objret.mining.template_matching import MapStack
 from objret.regions.pooling import box_to_cells, l2n
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_SIDE = 320
 LAYER = "stride16"
+SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +75,22 @@ def test_extract_maps_at_another_input_size(pastes):
     maps = extract_maps(backbone, [("a", image)], device=torch.device("cpu"), max_side=640)["a"][LAYER]
     assert maps.shape[-2:] == (30, 40)       # 640 x 480 at stride 16
     assert backbone.spec.preprocessing.max_side == MAX_SIDE
+
+
+def test_the_zoomed_template_finds_and_boxes_the_larger_copy(pastes, bench_dir):
+    """Matched as a query's template, the zoomed view scores the copy twice as large higher than the query's own
+    template does, and boxes it: a frame takes its best template (objret.mining.fusion.match_query)."""
+    backbone = build_backbone("efficientnet_lite0", layers=(LAYER,), max_side=MAX_SIDE)
+    (query_image, box), (lake_image, lake_box) = pastes
+    size = (query_image.shape[1], query_image.shape[0])
+    clean = load_image(str(bench_dir / "tud_stadtmitte" / "images" / "000140.jpg"))
+    maps = extract_maps(backbone, [("copy", lake_image), ("clean", clean), ("query", query_image)],
+                        device=torch.device("cpu"))
+    stack = MapStack(["copy", "clean"], [maps["copy"][LAYER], maps["clean"][LAYER]], [size, size])
+    query = QueryObject(maps["query"], size, box)
+    alone = match_query(query, stack, LAYER, 3, SCALES)
+    query.zoomed = zoomed_view(backbone, query_image, box, 2.0, mirror=False)
+    both = match_query(query, stack, LAYER, 3, SCALES)
+    assert both.scores[0] > alone.scores[0] + 0.2, (both.scores, alone.scores)   # measured 0.74 against 0.40
+    assert both.scores[0] - both.scores[1] > alone.scores[0] - alone.scores[1]
+    assert iou_xywh(both.boxes[0], lake_box) >= 0.5 > iou_xywh(alone.boxes[0], lake_box), (both.boxes, alone.boxes)

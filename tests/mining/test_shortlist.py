@@ -97,3 +97,20 @@ def test_an_index_built_with_another_recipe_is_refused(built, tmp_path):
         RegionIndex.load(ws.current_index_dir(), recipe={**ws.index_recipe(), "pooling": "max"})
     manifest = json.loads(next(ws.current_index_dir().glob("v*/manifest.json")).read_text())
     assert manifest["recipe"] == ws.index_recipe()
+
+
+def test_only_a_small_box_for_a_template_method_is_seen_zoomed_in(built):
+    """objret.steps.mine.frame_query: a box under mining.small_box gets the zoomed view (maps at mining.query_zoom
+    times the input size); a large box, a method without templates or query_zoom 1 do not pay for it."""
+    from objret.steps.mine import frame_query
+
+    ws, _, _ = built
+    frame = next(iter(ws.lake.frames()))
+    small, large = (100, 80, 20, 40), (100, 80, 300, 300)
+    query = frame_query(ws, frame, small, "fused")
+    assert query.zoomed is not None and query.zoomed.box == small and query.zoomed.mirror is None   # mirror off
+    for layer in ("stride8", "stride16"):   # 320 x 240 px -> 640 x 480 px
+        assert query.zoomed.maps[layer].shape[-2:] == tuple(2 * s for s in query.maps[layer].shape[-2:]), layer
+    assert frame_query(ws, frame, large, "fused").zoomed is None
+    assert frame_query(ws, frame, small, "gem").zoomed is None
+    assert frame_query(Workspace(ws.params.replace("mining.query_zoom=1"), ws.root), frame, small, "fused").zoomed is None

@@ -108,9 +108,12 @@ def test_only_a_small_box_for_a_template_method_is_seen_zoomed_in(built):
     frame = next(iter(ws.lake.frames()))
     small, large = (100, 80, 20, 40), (100, 80, 300, 300)
     query = frame_query(ws, frame, small, "fused")
-    assert query.zoomed is not None and query.zoomed.box == small and query.zoomed.mirror is None   # mirror off
-    for layer in ("stride8", "stride16"):   # 320 x 240 px -> 640 x 480 px
-        assert query.zoomed.maps[layer].shape[-2:] == tuple(2 * s for s in query.maps[layer].shape[-2:]), layer
+    zoomed = query.zoomed
+    assert zoomed is not None and zoomed.mirror is None   # mining.mirror is off here
+    # Half the frame's sides around the box (640 x 480 -> 320 x 240), at the frame's cells: twice its cells a pixel.
+    assert zoomed.image_size == (320, 240) and zoomed.box[2:] == small[2:]
+    for layer in ("stride8", "stride16"):
+        assert zoomed.maps[layer].shape[-2:] == query.maps[layer].shape[-2:], layer
     assert frame_query(ws, frame, large, "fused").zoomed is None
     assert frame_query(ws, frame, small, "gem").zoomed is None
     assert frame_query(Workspace(ws.params.replace("mining.query_zoom=1"), ws.root), frame, small, "fused").zoomed is None

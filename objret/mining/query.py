@@ -36,7 +36,7 @@ class QueryObject:
     image_size: tuple[int, int]  # width, height
     box: tuple[float, float, float, float]
     mirror: "QueryObject | None" = None  # the frame flipped left-right, with the box flipped with it
-    zoomed: "QueryObject | None" = None  # the frame (and its mirror) at mining.query_zoom x the input size
+    zoomed: "QueryObject | None" = None  # a small box's surroundings zoomed in (zoomed_view), with their mirror
     frame_id: str | None = None          # the query frame's lake id, when it is in the lake (left out of statistics)
 
     def is_small(self, small_box: float) -> bool:
@@ -56,8 +56,8 @@ def zoomed_view(backbone: Backbone, image: np.ndarray, box, zoom: float, mirror:
     """The box's surroundings through the backbone at ``zoom`` times the frame's input scale (with their mirror
     view when ``mirror``): a window of 1/zoom of the frame's sides centred on the box (objret.mining.query.
     zoom_window), so that the pass costs what the frame's own does. The window is wide context for a small box
-    (at zoom 2, five box sides at least) and the whole frame at 1280 px held 200 MB more at the peak of a mining
-    process. The view's size and box are the window's, in pixels."""
+    (at zoom 2, five box sides at least), and the whole frame at 1280 px put a mining process 250 MB higher at its
+    peak. The view's size and box are the window's, in pixels."""
     height, width = image.shape[:2]
     x0, y0, x1, y1 = zoom_window(box, width, height, zoom)
     crop = np.ascontiguousarray(image[y0:y1, x0:x1])
@@ -65,7 +65,7 @@ def zoomed_view(backbone: Backbone, image: np.ndarray, box, zoom: float, mirror:
     inner = (box[0] - x0, box[1] - y0, box[2], box[3])
     side = round(zoom * backbone.spec.preprocessing.max_side * max(size) / max(width, height))
     views = [("frame", crop)] + ([("mirror", np.ascontiguousarray(crop[:, ::-1]))] if mirror else [])
-    maps = extract_maps(backbone, views, batch_size=1, max_side=side)
+    maps = extract_maps(backbone, views, batch_size=1, max_side=side)   # one image a pass: a lower peak
     zoomed = QueryObject(maps["frame"], size, inner)
     if mirror:
         zoomed.mirror = QueryObject(maps["mirror"], size, mirrored_box(inner, size[0]))

@@ -143,9 +143,9 @@ def resolve_query(ws: Workspace, report: FailureReport) -> tuple[Frame | None, n
 
 def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np.ndarray | None = None) -> QueryObject:
     """The query object of ``box`` on a lake ``frame`` (its cached maps) or on ``pixels`` (maps computed now),
-    with its mirror view when ``method`` matches templates and ``mining.mirror`` is on, and a small box's frame
-    zoomed in for the cell shortlist (``mining.query_zoom``). ``box`` is checked
-    against the frame (objret.mining.report.check_box_in_frame)."""
+    with its mirror view when ``method`` matches templates and ``mining.mirror`` is on, and a small box seen
+    zoomed in too (``mining.query_zoom``, objret.mining.query). ``box`` is checked against the frame
+    (objret.mining.report.check_box_in_frame)."""
     if frame is not None and frame.frame_id in ws.cache:
         maps = {layer: ws.cache.load([frame.frame_id], layer)[frame.frame_id] for layer in ws.backbone.spec.layers}
         size = (frame.width, frame.height)
@@ -156,12 +156,15 @@ def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np
     box = check_report_box(box, *size, cell_size(ws, size))
     query = QueryObject(maps, size, box, frame_id=frame.frame_id if frame else None)
     mining = ws.params.mining
-    if get_method(method).matches_template and (mining.mirror or mining.query_zoom > 1):
+    templates = get_method(method).matches_template
+    mirror = templates and mining.mirror
+    zoom = templates and mining.query_zoom > 1 and query.is_small(mining.small_box)
+    if mirror or zoom:
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
-        if mining.mirror:
-            query.mirror = mirrored_view(ws.backbone, pixels, box)
-        if mining.query_zoom > 1 and query.is_small(mining.small_box):
-            query.zoomed = zoomed_view(ws.backbone, pixels, box, mining.query_zoom, mining.mirror)
+    if mirror:
+        query.mirror = mirrored_view(ws.backbone, pixels, box)
+    if zoom:
+        query.zoomed = zoomed_view(ws.backbone, pixels, box, mining.query_zoom, mining.mirror)
     return query
 
 

@@ -27,7 +27,8 @@ from objret.mining.lakemaps import LakeMaps
 from objret.mining.methods import QueryObject, RankInputs, get_method, rank
 from objret.mining.search import LakeSearch
 from objret.index.cell_index import salient_cells, template_keys
-from objret.mining.shortlist import first_stage, interleave, rank_query, reference_rows
+from objret.index.frame_scoring import FrameHit
+from objret.mining.shortlist import first_stage, rank_query, reference_rows, round_robin
 from objret.mining.template_matching import MapStack
 from objret.regions.encoding import region_vectors
 from objret.regions.pooling import box_to_cells, gem
@@ -256,9 +257,50 @@ def test_a_large_box_ranks_the_region_index_shortlist_only(scene):
     np.testing.assert_allclose(every.ranking.scores, whole.scores, atol=1e-6)
 
 
+def test_round_robin_takes_each_lists_next_frame_in_turn():
+    hit = lambda f: FrameHit(f, 0.0, 0, (0.0, 0.0, 1.0, 1.0))   # noqa: E731
+    lists = [[hit("a"), hit("b"), hit("c")], [hit("b"), hit("d")], [], [hit("e")]]
+    assert [h.frame_id for h in round_robin(lists, 10)] == ["a", "b", "e", "d", "c"]
+    assert [h.frame_id for h in round_robin(lists, 2)] == ["a", "b"]
+    assert round_robin([], 5) == [] and round_robin([[], []], 5) == []
+
+
+def test_each_view_of_a_small_box_asks_the_indexes_on_its_own(scene, bench_dir):
+    """Each view of a small box (here the zebra of another frame stands in for the query's zoomed view) votes in
+    the cell index, and the zoomed view searches the region index too, each for its share of the shortlist; the
+    lists are merged round-robin: the view's best frame is among the first three (after the query's cell list's
+    best and the region list's best), where one vote of both views' cells pooled would leave it to whichever
+    template dominates. A mirror view votes in the cell index only (its pooled region vector is nearly the
+    query's)."""
+    coco = json.loads((bench_dir / "coco_mini" / "annotations.json").read_text())
+    image = next(i for i in coco["images"] if i["file_name"] == "images/000000000034.jpg")
+    zebra_box = tuple(next(a["bbox"] for a in coco["annotations"] if a["image_id"] == image["id"]))
+    other = QueryObject(scene.maps["zebra"], (image["width"], image["height"]), zebra_box)
+    mining = _mining(scene, "mining.rerank=1", "mining.small_box=1.0")
+    search, k, share = scene.search, mining.shortlist, -(-mining.shortlist // 2)
+
+    def cells(v):
+        return search.cell_shortlist(template_keys(v.maps["stride16"], v.box, v.image_size, 3), share, exclude={"A"})
+
+    def regions(v, n):
+        return search.region_shortlist(query_region_vector(v, scene.lake.regions), n, exclude={"A"})
+
+    for role in ("zoomed", "mirror"):
+        query = QueryObject(scene.query.maps, scene.query.image_size, scene.query.box, frame_id="A", **{role: other})
+        stage, hits = first_stage(search, get_method("fused"), query, query_region_vector(query, scene.lake.regions),
+                                  mining)
+        by_cell = [cells(query), cells(other)]
+        assert by_cell[0][0].frame_id == "B" and by_cell[1][0].frame_id == "zebra"   # each view's own best
+        by_region = [regions(query, k)] + ([regions(other, share)] if role == "zoomed" else [])
+        assert stage == "cells+regions"
+        assert hits == round_robin([round_robin(by_cell, k), round_robin(by_region, k)], k), role
+        assert hits[0].frame_id == "B" and "zebra" in [h.frame_id for h in hits[:3]]
+        assert len({h.frame_id for h in hits}) == len(hits) and "A" not in {h.frame_id for h in hits}
+
+
 def test_a_small_box_is_shortlisted_by_the_cell_index(scene):
     """A box under ``small_box`` of its frame, for a method that matches templates: the cell index's frames
-    (voted for by the box's template cells) interleaved with the region index's: the pasted
+    (voted for by the box's template cells) merged round-robin with the region index's: the pasted
     clock's frame B is the cell index's best, and the clean copy of B (the same street without it) is not near."""
     mining = _mining(scene, "mining.rerank=1", "mining.small_box=1.0")
     assert scene.query.is_small(mining.small_box)
@@ -272,7 +314,7 @@ def test_a_small_box_is_shortlisted_by_the_cell_index(scene):
     stage, shortlist = _first_stage(scene, "fused", mining)
     assert stage == "cells+regions" and shortlist[0] == "B" and "A" not in shortlist
     regions_hits = scene.search.region_shortlist(query_region_vector(scene.query, scene.lake.regions), 20, exclude={"A"})
-    assert shortlist == [h.frame_id for h in interleave(by_cell, regions_hits, 20)]
+    assert shortlist == [h.frame_id for h in round_robin([by_cell, regions_hits], 20)]
     assert sorted(shortlist) == sorted(f for f in scene.ids if f != "A")   # each frame once
     result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=1)
     assert result.candidates == 1 and result.ranking.frame_ids[0] == "B" and list(result.ranking.evidence) == ["B"]

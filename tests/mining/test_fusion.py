@@ -313,7 +313,8 @@ def test_a_small_box_is_shortlisted_by_the_cell_index(scene):
     assert iou_xywh(by_cell[0].box, scene.paste_box) > 0   # its best cell lies on the clock
     stage, shortlist = _first_stage(scene, "fused", mining)
     assert stage == "cells+regions" and shortlist[0] == "B" and "A" not in shortlist
-    regions_hits = scene.search.region_shortlist(query_region_vector(scene.query, scene.lake.regions), 20, exclude={"A"})
+    regions_hits = scene.search.region_shortlist(query_region_vector(scene.query, scene.lake.regions), 20,
+                                                 exclude={"A"})
     assert shortlist == [h.frame_id for h in round_robin([by_cell, regions_hits], 20)]
     assert sorted(shortlist) == sorted(f for f in scene.ids if f != "A")   # each frame once
     result = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=1)

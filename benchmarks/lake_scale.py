@@ -43,6 +43,7 @@ from objret.eval.run import bench_frame_ids
 from objret.index.cell_index import salient_cells
 from objret.index.map_store import MapStore
 from objret.index.region_index import RegionIndex
+from objret.ingest.lake import Frame, Lake
 from objret.steps.workspace import Workspace
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,7 +88,7 @@ def build(workdir: str, out: Path, size: int, seed: int = 0) -> dict:
     t = time.perf_counter()
     cells.add([ids[o] for o in cell_owner], bench_cells.vectors(cell_ids), bench_cells.boxes[cell_ids])
     timings["cells_s"] += time.perf_counter() - t
-    frames = [{"frame_id": f.frame_id, "width": f.width, "height": f.height} for f in real]
+    frames = list(real)
     for start in range(0, len(ids), SHARD):
         chunk = ids[start:start + SHARD]
         coded = [bench_store.codes(f) for f in chunk]
@@ -153,7 +154,7 @@ def build(workdir: str, out: Path, size: int, seed: int = 0) -> dict:
             region_boxes.append(bench_index.boxes[rid])
             region_owner += [fid] * len(rid)
             new_ids.append(fid)
-            frames.append({"frame_id": fid, "width": a.width, "height": a.height})
+            frames.append(Frame(fid, f"generated:{fid}", a.image_uri, "lake_scale", None, None, a.width, a.height))
         timings["generate_s"] += time.perf_counter() - t
         t = time.perf_counter()
         store.write_codes(new_ids, codes, hws, gems)
@@ -169,7 +170,7 @@ def build(workdir: str, out: Path, size: int, seed: int = 0) -> dict:
     regions.save(out / "regions")
     cells.save(out / "cells")
     timings["save_s"] = time.perf_counter() - t
-    (out / "frames.json").write_text(json.dumps(frames))
+    Lake(out / "lake").record(frames)   # the lake's manifest, read as `objret mine` reads a lake's
     return {"frames": len(frames), "regions": len(regions), "cells": len(cells), "region_index": regions.active,
             "cell_index": cells.active, "build_s": sum(v for k, v in timings.items() if k != "generate_s"),
             **{k: round(v, 2) for k, v in timings.items()},
@@ -190,30 +191,29 @@ def _regions_of(index: RegionIndex, frame_ids: list[str]) -> tuple[np.ndarray, n
 
 def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, seed: int = 0) -> dict:
     """Open the lake under ``out`` as `objret mine` opens one, then rank bench queries through rank_query."""
-    from objret.mining.search import LakeSearch
     from objret.mining.shortlist import rank_query
     from objret.mining.fusion import match_query
     from objret.mining.template_matching import MapStack
     from objret.regions.encoding import RegionVectors
-    from objret.steps.mine import frame_query
+    from objret.steps.mine import frame_query, lake_search
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ws = bench_workspace(workdir)
     p = ws.params
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    anon0 = rss_split()["RssAnon"]
     t = time.perf_counter()
     mapped = p.mining.mapped_indexes   # as objret.steps.mine opens them
     index = RegionIndex.load(out / "regions", use_gpu=False, mapped=mapped)
     cells = RegionIndex.load(out / "cells", use_gpu=False, mapped=mapped)
     store = MapStore(out / "store")
-    frames = {f["frame_id"]: type("F", (), f) for f in json.loads((out / "frames.json").read_text())}
-    ids = [f for f in index.frame_ids if f in frames]
     encoding = RegionVectors(np.zeros((0, index.dim), np.float32), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
                              p.regions.layer, p.regions.pooling, None)
-    search = LakeSearch(index, frames, store.load_maps, ids, store.gem_vectors(ids), encoding, cells=cells,
-                        resident_max=p.mining.rerank)
+    search = lake_search(Lake(out / "lake"), index, cells, store, store.load_maps, encoding, p.mining.rerank)
+    ids, frames = search.frame_ids, search.frames
     open_s = time.perf_counter() - t
     rss_open = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    held_per_frame = (rss_split()["RssAnon"] - anon0) * 2**20 / len(search)   # what opening holds for every frame
 
     bench = load_bench(bench_dir)
     frame_of = bench_frame_ids(bench, ws.lake)
@@ -251,9 +251,15 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
                 stack = MapStack(part, [maps[f] for f in part], [(frames[f].width, frames[f].height) for f in part])
                 match_query(query, stack, p.mining.layer, p.mining.template_cells, tuple(p.mining.scales))
             exhaustive_per_frame.append((time.perf_counter() - t) / len(rows))
+    # The baseline, measured last (after the peak RSS above): the same per-frame data held whole, as a LakeSearch
+    # held it before reading frames and GeM vectors on demand (a dict of every Frame, N x D float32).
+    anon1 = rss_split()["RssAnon"]
+    whole = ({f.frame_id: f for f in Lake(out / "lake").frames()}, store.gem_vectors(ids))
+    held_whole_per_frame = (rss_split()["RssAnon"] - anon1) * 2**20 / len(ids) + held_per_frame
+    del whole
     lat = np.array(latencies)
     per_frame = float(np.median(exhaustive_per_frame))
-    ram = index_ram(index) + index_ram(cells) + search.global_vectors.nbytes
+    ram = index_ram(index) + index_ram(cells)
     return {"open_s": round(open_s, 2), "queries": len(chosen), "stages": stages,
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
             "latency_mean_s": float(lat.mean()),
@@ -262,7 +268,8 @@ def mine(workdir: str, out: Path, bench_dir: str, queries: int, sample: int, see
             "positives_in_top50": float(np.mean(hits)) if hits else None,
             "peak_rss_mb": peak_rss, "rss_file_backed_mb": file_backed, "rss_anonymous_max_mb": anon,
             "rss_after_open_mb": rss_open, "rss_before_open_mb": rss0, "rss_file_backed_by_part_mb": by_file,
-            "index_ram_bytes_per_frame": ram / len(ids),
+            "index_ram_bytes_per_frame": ram / len(ids), "held_bytes_per_frame": held_per_frame,
+            "held_whole_bytes_per_frame": held_whole_per_frame,
             "disk_bytes_per_frame": disk_bytes(out) / len(ids),
             "store_bytes_per_frame": store.bytes_on_disk() / len(ids)}
 
@@ -371,13 +378,15 @@ def main() -> None:
 
 def table(report: dict) -> str:
     lines = ["| frames | search p50 / p95 (s) | exhaustive (s, est.) | speed-up | peak RSS mining (MB) "
-             "| of it mapped files / own, max (MB) | disk B/frame | index B/frame | build (s) "
-             "| bench positives in top 50 |", "|" + "---|" * 10]
+             "| of it mapped files / own, max (MB) | held a frame, B (held whole) | disk B/frame | index B/frame "
+             "| build (s) | bench positives in top 50 |", "|" + "---|" * 11]
+    nan = float("nan")   # figures a run before them did not measure
     for row in report["lakes"]:
         m, b = row["mine"], row["build"]
         lines.append(f"| {row['frames']:,} | {m['latency_p50_s']:.3f} / {m['latency_p95_s']:.3f} "
                      f"| {m['exhaustive_report_s']:.1f} | {m['speedup_vs_exhaustive']:.0f}x | {m['peak_rss_mb']:.0f} "
                      f"| {m.get('rss_file_backed_mb', float('nan')):.0f} / {m.get('rss_anonymous_max_mb', float('nan')):.0f} "
+                     f"| {m.get('held_bytes_per_frame', nan):,.0f} ({m.get('held_whole_bytes_per_frame', nan):,.0f}) "
                      f"| {m['disk_bytes_per_frame']:,.0f} | {m['index_ram_bytes_per_frame']:,.0f} | {b['build_s']:.0f} "
                      f"| {m['positives_in_top50']:.3f} |")
     if report["latency_growth_exponent"] is not None:

@@ -15,6 +15,8 @@ import hashlib
 import math
 import os
 import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +152,22 @@ class Lake:
             raise FrameNotFoundError(f"no frame {frame_id!r} in the lake at {self.root}")
         return Frame(*row)
 
+    def frame_table(self) -> "FrameTable":
+        """The lake's frames by id, read from the manifest when asked (see FrameTable)."""
+        return FrameTable(self)
+
+    def present(self, frame_ids: Sequence[str], chunk: int = 500) -> list[str]:
+        """Those of ``frame_ids`` still in the lake, in their order; asked of the manifest a chunk at a time, so
+        checking a million ids never holds a million-entry set."""
+        out: list[str] = []
+        with self._connect() as conn:
+            for start in range(0, len(frame_ids), chunk):
+                part = frame_ids[start:start + chunk]
+                found = {row[0] for row in conn.execute(
+                    f"SELECT frame_id FROM frames WHERE frame_id IN ({','.join('?' * len(part))})", list(part))}
+                out += [f for f in part if f in found]
+        return out
+
     def find(self, uri: str, frame_index: int | None = None) -> Frame | None:
         """The frame at ``uri`` (with ``frame_index``: that frame of the video ``uri``). A relative name
         such as "images/000001.jpg" or "vtest.avi" matches the URI that ends with "/" + it; a name that
@@ -181,6 +199,17 @@ class Lake:
         return digest.hexdigest()[:12]
 
     # ---- ingestion ----------------------------------------------------------------------------------
+
+    def record(self, frames: list[Frame]) -> IngestResult:
+        """Add frames whose pixels are stored already (a lake generated from another, a manifest moved), in
+        committed batches; a frame already in the lake is skipped."""
+        result = IngestResult("record")
+        with self._connect() as conn:
+            batch = _Batch(conn, result)
+            for frame in frames:
+                batch.add(frame)
+            batch.commit()
+        return result
 
     def ingest(self, source: str, *, every_n: int, fps: float | None = None,
                endpoint_url: str | None = None, progress: bool = True, max_pixels: int = MAX_PIXELS,
@@ -341,6 +370,47 @@ class Lake:
             storage.write_bytes(image_uri, jpeg.tobytes())
         height, width = bgr.shape[:2]
         return Frame(frame_id, frame_uri, image_uri, video_uri, index, time_s, width, height)
+
+
+class FrameTable(Mapping[str, Frame]):
+    """A lake's frames by id, each read from the manifest when looked up. A mining process looks up the few
+    hundred frames a report re-ranks and outputs; a dict of every Frame would hold ~0.5 kB a frame (0.5 GB at
+    1M frames). One read connection per thread and process, opened on first use (a connection must not cross a
+    fork or be shared between threads)."""
+
+    def __init__(self, lake: Lake):
+        self.lake = lake
+        self._local = threading.local()
+
+    def __reduce__(self):   # pickled (a Dask worker's copy) without its connections
+        return FrameTable, (self.lake,)
+
+    def _conn(self) -> sqlite3.Connection:
+        held = getattr(self._local, "held", None)
+        if held is None or held[0] != os.getpid():
+            try:
+                held = (os.getpid(), sqlite3.connect(self.lake.manifest_path, timeout=60))
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the lake manifest {self.lake.manifest_path}: {exc}") from exc
+            self._local.held = held
+        return held[1]
+
+    def __getitem__(self, frame_id: str) -> Frame:
+        row = self._conn().execute(f"SELECT {_FRAME_COLUMNS} FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
+        if row is None:
+            raise FrameNotFoundError(f"no frame {frame_id!r} in the lake at {self.lake.root}")
+        return Frame(*row)
+
+    def __contains__(self, frame_id: object) -> bool:
+        if not isinstance(frame_id, str):
+            return False
+        return self._conn().execute("SELECT 1 FROM frames WHERE frame_id = ?", (frame_id,)).fetchone() is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (row[0] for row in self._conn().execute("SELECT frame_id FROM frames ORDER BY seq").fetchall())
+
+    def __len__(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM frames").fetchone()[0]
 
 
 class _Batch:

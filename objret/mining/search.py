@@ -5,15 +5,16 @@ A process that mines many reports (a served deployment, a batch of reports, an e
 LakeSearch and pays the opening once: a report then costs its own work only (query maps, shortlist, ranking).
 objret.steps.mine keeps the current one per work folder; objret.eval.run ranks a bench through the same object.
 
-Only what is small per frame is held for every frame: the whole-frame GeM vectors (fp16 -> 1.4 kB a frame as
-float32) and the indexes. The maps that template matching reads, and the region vectors of the candidates,
-are read per query for the frames it re-ranks (``lake_maps``): from the mining store (compact, memory-mapped)
-or, where kept, the fp16 feature cache; a lake no larger than ``resident_max`` frames is read once and kept.
+Only what is small per frame is held for every frame: the frame ids and the indexes' id maps (the indexes
+themselves are memory-mapped). What a report reads of its candidates is read when it asks (``lake_maps``): the
+maps template matching reads and the whole-frame GeM vectors from the mining store (compact, memory-mapped) or,
+where kept, the fp16 feature cache; the region vectors from the region index; the frames (sizes, URIs) from the
+lake's manifest. A lake no larger than ``resident_max`` frames is read once and kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,7 @@ from objret.errors import ObjretError
 from objret.graph.diffusion import GraphDiffusion
 from objret.index.cell_index import vote
 from objret.index.frame_scoring import FrameHit
+from objret.index.map_store import StoredRows
 from objret.index.region_index import RegionIndex
 from objret.ingest.lake import Frame
 from objret.mining.lakemaps import LakeMaps
@@ -34,10 +36,10 @@ MapReader = Callable[[list[str]], dict[str, np.ndarray]]   # frame ids -> {frame
 @dataclass
 class LakeSearch:
     index: RegionIndex
-    frames: dict[str, Frame]   # every lake frame (the query frame may be one that is not indexed)
+    frames: Mapping[str, Frame]   # every lake frame, the query's too (not always indexed): a lake's FrameTable
     read_maps: MapReader       # the template-matching maps of frames (mining store or feature cache)
     frame_ids: list[str]       # the indexed frames still in the lake (rows)
-    global_vectors: np.ndarray   # N x D whole-frame GeM vectors, rows follow frame_ids
+    global_vectors: np.ndarray | StoredRows   # N x D whole-frame GeM vectors, rows follow frame_ids
     encoding: RegionVectors    # how a query box becomes a region vector (layer, pooling, whitening); no vectors
     cells: RegionIndex | None = None   # the small-object shortlist (objret.index.cell_index); None: regions only
     rmac_vectors: np.ndarray | None = None   # N x D whole-frame R-MAC (method rmac)

@@ -19,8 +19,9 @@ from objret.errors import ObjretError
 from objret.features.backbone import resized_shape
 from objret.features.cache import extract_maps
 from objret.graph.store import current_version, open_diffusion
+from objret.index.map_store import MapStore
 from objret.index.region_index import RegionIndex, index_version
-from objret.ingest.lake import Frame
+from objret.ingest.lake import Frame, Lake
 from objret.ingest.decode import load_image
 from objret.ingest.roots import resolve_report_frame, workspace_roots
 from objret.mining.dedup import collapse_near_duplicates
@@ -28,7 +29,7 @@ from objret.mining.feedback import Feedback
 from objret.mining.methods import get_method
 from objret.mining.query import QueryObject, mirrored_view, zoomed_view
 from objret.mining.report import FailureReport, check_report_box
-from objret.mining.search import LakeSearch
+from objret.mining.search import LakeSearch, MapReader
 from objret.regions.encoding import RegionVectors
 from objret.regions.sources import rmac
 from objret.mining.shortlist import QueryRanking, rank_query
@@ -101,26 +102,32 @@ def load_search(ws: Workspace, methods: list[str], served_by: ServedBy | None = 
         index = RegionIndex.load(ws.current_index_dir(), recipe=ws.index_recipe(), mapped=mapped)
         cells = (RegionIndex.load(ws.cells_dir(), recipe=ws.cells_recipe(), mapped=mapped)
                  if (ws.cells_dir() / "CURRENT").exists() else None)
-    frames = {f.frame_id: f for f in ws.lake.frames()}
-    ids = [f for f in index.frame_ids if f in frames]
-    if not ids:
-        raise ObjretError("the index holds no frame of the lake: run build-index first")
     store = ws.map_store
     if m.maps == "store":
         read_maps = store.load_maps
     else:
         def read_maps(frame_ids):
             return ws.cache.load(frame_ids, m.layer)
-    whitening = ws.load_whitening()
     encoding = RegionVectors(np.zeros((0, index.dim), np.float32), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
-                             rp.layer, rp.pooling, whitening)
-    search = LakeSearch(index, frames, read_maps, ids, store.gem_vectors(ids), encoding, cells=cells,
-                        resident_max=m.rerank)
+                             rp.layer, rp.pooling, ws.load_whitening())
+    search = lake_search(ws.lake, index, cells, store, read_maps, encoding, m.rerank)
     if "rmac" in methods:
-        search.rmac_vectors = lake_rmac(ws, ids)
+        search.rmac_vectors = lake_rmac(ws, search.frame_ids)
     if "discovery" in methods:
-        search.discovery = lake_discovery(ws, [frames[f] for f in ids])
+        search.discovery = lake_discovery(ws, [search.frames[f] for f in search.frame_ids])
     return search
+
+
+def lake_search(lake: Lake, index: RegionIndex, cells: RegionIndex | None, store: MapStore, read_maps: MapReader,
+                encoding: RegionVectors, rerank: int) -> LakeSearch:
+    """A LakeSearch over the indexed frames still in ``lake``. What it holds for every frame is small: the
+    indexes' id maps and the frame ids; the frames themselves and their GeM vectors are read when a report asks
+    for them (the manifest, the mining store)."""
+    ids = lake.present(index.frame_ids)
+    if not ids:
+        raise ObjretError("the index holds no frame of the lake: run build-index first")
+    return LakeSearch(index, lake.frame_table(), read_maps, ids, store.gem_rows(ids), encoding, cells=cells,
+                      resident_max=rerank)
 
 
 def lake_rmac(ws: Workspace, frame_ids: list[str], batch: int = 256) -> np.ndarray:

@@ -12,6 +12,7 @@ import torch
 from objret.errors import ObjretError
 from objret.features.backbone import build_backbone
 from objret.features.cache import extract_maps
+from objret.index import map_store
 from objret.index.map_store import MapCodec, MapStore
 from objret.ingest.decode import load_image
 from objret.regions.pooling import gem
@@ -61,7 +62,7 @@ def test_codes_keep_the_cosines_template_matching_reads(maps, codec):
     assert c == 40 and MapCodec.fit(np.random.default_rng(0).normal(size=(1000, c)).astype(np.float32), 12).code_size == 10
 
 
-def test_a_store_reads_back_each_frame_as_encoded(maps, codec, tmp_path):
+def test_a_store_reads_back_each_frame_as_encoded(maps, codec, tmp_path, monkeypatch):
     store = MapStore(tmp_path / "store")
     with pytest.raises(ObjretError, match="no codebooks yet"):
         store.codec
@@ -80,6 +81,15 @@ def test_a_store_reads_back_each_frame_as_encoded(maps, codec, tmp_path):
         np.testing.assert_array_equal(loaded[f], codec.decode(codec.encode(fmap), fmap.shape[-2:]))
     vectors = reopened.gem_vectors(ids)
     np.testing.assert_allclose(vectors, np.stack([gem(maps[f]["stride32"]) for f in ids]), atol=2e-3)  # fp16
+    # Rows read on demand, in any order, a few of a shard (its rows alone) or most of it (its whole tensor).
+    rows = reopened.gem_rows(ids)
+    assert len(rows) == len(ids)
+    np.testing.assert_array_equal(rows[[5, 0, 2]], vectors[[5, 0, 2]])
+    np.testing.assert_array_equal(rows[:], vectors)
+    for share in (0.0, 2.0):   # each shard's whole tensor; only the rows wanted
+        monkeypatch.setattr(map_store, "WHOLE_TENSOR_SHARE", share)
+        np.testing.assert_array_equal(MapStore(tmp_path / "store").gem_vectors([ids[4], ids[1]]), vectors[[4, 1]])
+    assert rows[[]].shape == (0, vectors.shape[1])
     # What a frame costs on disk: its codes (cells x 8 bytes) and its fp16 GeM vector, plus small tables.
     cells = sum(np.prod(maps[f]["stride8"].shape[-2:]) for f in ids)
     payload = cells * 8 + len(ids) * vectors.shape[1] * 2

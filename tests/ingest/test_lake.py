@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import re
 import shutil
 import sqlite3
@@ -146,6 +147,40 @@ def test_single_image_file_and_bad_sources(tmp_path, image_folder):
         lake.ingest(str(image_folder / "notes.txt"), every_n=1, progress=False)
     with pytest.raises(ObjretError, match="every_n"):
         lake.ingest(str(image_folder), every_n=0, progress=False)
+
+
+def test_frame_table_reads_frames_from_the_manifest_as_they_are_ingested(tmp_path, image_folder, bench_images):
+    lake = Lake(tmp_path / "lake")
+    lake.ingest(str(image_folder), every_n=1, progress=False)
+    table = lake.frame_table()
+    frames = lake.frames()
+    assert list(table) == [f.frame_id for f in frames] and len(table) == 6
+    assert all(table[f.frame_id] == f and f.frame_id in table for f in frames)
+    assert "nope" not in table and 3 not in table and table.get("nope") is None
+    with pytest.raises(KeyError, match="no frame 'nope'"):
+        table["nope"]
+    # Frames ingested after the table was made are in it: it holds nothing but a connection.
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(bench_images[-1], extra / "late.jpg")
+    lake.ingest(str(extra), every_n=1, progress=False)
+    late = lake.find(str(extra / "late.jpg"))
+    assert len(table) == 7 and table[late.frame_id] == late
+    # A thread of its own reads through a connection of its own (sqlite3 refuses another thread's).
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(table.__getitem__, [f.frame_id for f in frames])) == frames
+    copy = pickle.loads(pickle.dumps(table))   # as a Dask worker receives it: the lake, not the connections
+    assert copy[late.frame_id] == late and len(copy) == 7
+
+
+def test_present_keeps_the_ids_still_in_the_lake_in_their_order(tmp_path, image_folder):
+    lake = Lake(tmp_path / "lake")
+    lake.ingest(str(image_folder), every_n=1, progress=False)
+    ids = [f.frame_id for f in lake.frames()]
+    asked = [ids[3], "gone-1", ids[0], ids[5], "gone-2", ids[1]]
+    assert lake.present(asked, chunk=2) == [ids[3], ids[0], ids[5], ids[1]]   # chunks split the gone ones
+    assert lake.present(asked) == lake.present(asked, chunk=2) and lake.present([]) == []
 
 
 def test_get_unknown_frame_raises_a_key_error(tmp_path):

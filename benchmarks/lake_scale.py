@@ -16,7 +16,9 @@ Per lake size, in fresh processes: the build (mining store shards, cell index, r
 classes and build order) and its time; then mining: one report's search latency p50/p95 (objret.mining.
 shortlist.rank_query, what `objret mine` runs between the query's maps and the outputs), peak RSS of the
 mining process, disk bytes a frame, index RAM bytes a frame, and exhaustive template matching of the same
-query over a sample of the lake's frames read from the store, scaled to N, for the speed-up. Results:
+query over a sample of the lake's frames read from the store, scaled to N, for the speed-up. The output boxes' fit
+(objret.mining.box_fit, which reads the pixels of the frames a report outputs) is not timed: generated frames have
+no pixels of their own, and its cost does not grow with the lake (`objret eval`'s seconds per query hold it). Results:
 benchmarks/results/lake_scale.json (and .md).
 """
 

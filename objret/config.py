@@ -191,6 +191,7 @@ class MiningParams(Section):
     template_cells: int = Field(ge=1)
     scales: list[float] = Field(min_length=1)
     scale_tolerance: float = Field(ge=0)
+    box_colour: float = Field(ge=0)
     top_k: int = Field(ge=1)
     dedup_frames: int = Field(ge=0)
     dedup_iou: float = Field(ge=0, le=1)

@@ -22,6 +22,7 @@ class Ranking:
     boxes: np.ndarray                    # N x 4 [x, y, w, h] pixels
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # frame id -> cell heat map in [0, 1]
     evidence: dict[str, dict] = field(default_factory=dict)
+    template_boxes: dict[str, np.ndarray] = field(default_factory=dict)   # fused: the template's box, where kept
 
     def order(self) -> np.ndarray:
         return np.argsort(-self.scores, kind="stable")

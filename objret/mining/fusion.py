@@ -59,6 +59,7 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
         ranking.heatmaps[fid] = heatmap_for(matched, i, lake.stack)
         ranking.evidence[fid] = {"region": float(region[i]), "template": float(matched.scores[i]),
                                  "global": float(glob[i])}
+        ranking.template_boxes[fid] = matched.boxes[i]
         if weight is not None:
             ranking.evidence[fid]["template_weight"] = float(weight)
         if diffusion is not None:

@@ -38,6 +38,7 @@ class QueryObject:
     mirror: "QueryObject | None" = None  # the frame flipped left-right, with the box flipped with it
     zoomed: "QueryObject | None" = None  # a small box's surroundings zoomed in (zoomed_view), with their mirror
     frame_id: str | None = None          # the query frame's lake id, when it is in the lake (left out of statistics)
+    colour: np.ndarray | None = None     # the box's colour signature (objret.mining.box_fit), when boxes are fitted
 
     def is_small(self, small_box: float) -> bool:
         """The box covers less than ``small_box`` of its frame (mining.small_box)."""

@@ -45,6 +45,7 @@ class LakeSearch:
     rmac_vectors: np.ndarray | None = None   # N x D whole-frame R-MAC (method rmac)
     discovery: object | None = None          # objret.graph.discovery.DiscoveryVectors (method discovery)
     resident_max: int = 2000   # a lake of at most this many frames keeps its maps in memory once read whole
+    read_image: Callable[[str], np.ndarray] | None = None   # frame id -> RGB pixels (box fitting); None: not read
     diffusion: GraphDiffusion | None = None   # the region graph's diffusion, when a caller attached one
     key: str = ""              # what the caller loaded it for (objret.steps.mine.search_key)
     _graph_rows: tuple[str, np.ndarray] | None = field(default=None, repr=False)

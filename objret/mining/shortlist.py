@@ -24,6 +24,7 @@ from objret.errors import ObjretError
 from objret.graph.diffusion import GraphDiffusion
 from objret.index.cell_index import template_keys
 from objret.index.frame_scoring import FrameHit
+from objret.mining.box_fit import fit_boxes
 from objret.mining.evidence import Ranking, query_region_vector
 from objret.mining.feedback import Feedback, FeedbackQuery, feedback_query
 from objret.mining.methods import Method, RankInputs, get_method
@@ -120,9 +121,15 @@ def rank_query(search: LakeSearch, query: QueryObject, method_name: str, mining:
         if not method.fuses_diffusion:
             raise ObjretError(f"diffusion evidence is fused by the fused method only, not {method.name!r}")
         scores, solve = diffusion.scores(vector, search.graph_rows(diffusion)[rows])
-    ranking = method.rank(query, lake, RankInputs(mining, gem_p, keep_heatmaps, scores, learned))
+    fitting = (method.matches_template and mining.box_colour > 0 and query.colour is not None
+               and search.read_image is not None)
+    # Heat maps of the first top_k frames, whatever reference frames rank among them.
+    heatmaps = max(keep_heatmaps, mining.top_k + len(rows) - kept) if fitting else keep_heatmaps
+    ranking = method.rank(query, lake, RankInputs(mining, gem_p, heatmaps, scores, learned))
     if len(rows) > kept:   # the reference frames were scored for the statistics only
         ranking = ranking_head(ranking, kept)
+    if fitting:   # the boxes a report outputs, fitted to the object (objret.mining.box_fit)
+        fit_boxes(ranking, lake, query.colour, search.read_image, mining.top_k, mining.box_colour)
     if tail:
         ranking = with_tail(ranking, tail)
     return QueryRanking(ranking, candidates, vector, stage, solve, learned)
@@ -153,8 +160,10 @@ def reference_rows(search: LakeSearch, candidates: np.ndarray, n: int, exclude: 
 def ranking_head(ranking: Ranking, n: int) -> Ranking:
     """The first ``n`` frames of ``ranking`` (in its frame order), with their heat maps and evidence."""
     ids = ranking.frame_ids[:n]
-    return Ranking(ids, ranking.scores[:n], ranking.boxes[:n], {f: h for f, h in ranking.heatmaps.items() if f in ids},
-                   {f: e for f, e in ranking.evidence.items() if f in ids})
+    kept = set(ids)
+    return Ranking(ids, ranking.scores[:n], ranking.boxes[:n], {f: h for f, h in ranking.heatmaps.items() if f in kept},
+                   {f: e for f, e in ranking.evidence.items() if f in kept},
+                   {f: b for f, b in ranking.template_boxes.items() if f in kept})
 
 
 def with_tail(ranking: Ranking, tail: list[FrameHit]) -> Ranking:
@@ -164,4 +173,4 @@ def with_tail(ranking: Ranking, tail: list[FrameHit]) -> Ranking:
     scores = floor - 1.0 - np.arange(1, len(tail) + 1, dtype=np.float32) / len(tail)
     boxes = np.array([h.box for h in tail], np.float32)
     return Ranking(ranking.frame_ids + [h.frame_id for h in tail], np.concatenate([ranking.scores, scores]),
-                   np.concatenate([ranking.boxes, boxes]), ranking.heatmaps, ranking.evidence)
+                   np.concatenate([ranking.boxes, boxes]), ranking.heatmaps, ranking.evidence, ranking.template_boxes)

@@ -24,6 +24,7 @@ from objret.index.region_index import RegionIndex, index_version
 from objret.ingest.lake import Frame, Lake
 from objret.ingest.decode import load_image
 from objret.ingest.roots import resolve_report_frame, workspace_roots
+from objret.mining.box_fit import colour_signature
 from objret.mining.dedup import collapse_near_duplicates
 from objret.mining.feedback import Feedback
 from objret.mining.methods import get_method
@@ -111,6 +112,7 @@ def load_search(ws: Workspace, methods: list[str], served_by: ServedBy | None = 
     encoding = RegionVectors(np.zeros((0, index.dim), np.float32), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
                              rp.layer, rp.pooling, ws.load_whitening())
     search = lake_search(ws.lake, index, cells, store, read_maps, encoding, m.rerank)
+    search.read_image = lambda frame_id: load_image(search.frames[frame_id].image_uri, ws.s3_endpoint_url)
     if "rmac" in methods:
         search.rmac_vectors = lake_rmac(ws, search.frame_ids)
     if "discovery" in methods:
@@ -166,8 +168,11 @@ def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np
     templates = get_method(method).matches_template
     mirror = templates and mining.mirror
     zoom = templates and mining.query_zoom > 1 and query.is_small(mining.small_box)
-    if mirror or zoom:
+    colour = templates and mining.box_colour > 0
+    if mirror or zoom or colour:
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
+    if colour:
+        query.colour = colour_signature(pixels, box)
     if mirror:
         query.mirror = mirrored_view(ws.backbone, pixels, box)
     if zoom:

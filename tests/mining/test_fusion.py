@@ -6,6 +6,7 @@ them re-ranked) over a LakeSearch of the same lake with a real RegionIndex and c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from objret.features.backbone import build_backbone
 from objret.features.cache import extract_maps
 from objret.index.region_index import RegionIndex
 from objret.ingest.decode import load_image
+from objret.mining.box_fit import colour_signature
 from objret.mining.evidence import best_region_per_frame, query_region_vector
 from objret.mining.feedback import Feedback, rocchio
 from objret.mining.fusion import fuse_evidence, rank_fused
@@ -110,7 +112,7 @@ def scene(bench_dir, tmp_path_factory):
     search = LakeSearch(index, {f.frame_id: f for f in frames},
                         lambda wanted: {i: maps[i]["stride16"] for i in wanted}, list(ids), lake.global_vectors,
                         regions, cells=cells, rmac_vectors=lake.rmac_vectors)
-    return SimpleNamespace(ids=ids, lake=lake, query=query, params=params, paste_box=paste_box, box=box,
+    return SimpleNamespace(ids=ids, lake=lake, query=query, params=params, paste_box=paste_box, box=box, images=images,
                            frames=frames, per_frame=per_frame, maps=maps, search=search, gem_p=params.index.gem_p)
 
 
@@ -625,3 +627,32 @@ def test_a_review_teaches_the_query_and_keeps_judged_frames_out(scene):
     assert off.feedback is None and "B" not in off.ranking.frame_ids
     np.testing.assert_allclose(off.ranking.scores, plain.ranking.scores[[plain.ranking.frame_ids.index(f)
                                                                          for f in off.ranking.frame_ids]])
+
+
+def test_the_boxes_a_report_outputs_are_fitted_to_the_object(scene):
+    """With the lake's pixels to read and the query box's colours, rank_query fits the boxes of its first
+    ``mining.top_k`` frames (objret.mining.box_fit): each becomes its ranking's box, its template's box or one of
+    its frame's region boxes; the ranking and the other boxes stay as they were. The pasted clock, which the fused
+    ranking boxes with a grid region around it, gets the template's box on it back. Without a reader, or with
+    ``mining.box_colour`` 0, no box moves."""
+    mining = _mining(scene, "mining.rerank=11", "mining.small_box=0.0", "mining.top_k=4", "mining.reference=0")
+    plain = rank_query(scene.search, scene.query, "fused", mining, gem_p=scene.gem_p).ranking
+    query = dataclasses.replace(scene.query, colour=colour_signature(scene.images["A"], scene.box))
+    search = dataclasses.replace(scene.search, read_image=scene.images.__getitem__)
+    fitted = rank_query(search, query, "fused", mining, gem_p=scene.gem_p, keep_heatmaps=4).ranking
+    assert fitted.frame_ids == plain.frame_ids and np.array_equal(fitted.scores, plain.scores)
+    order = fitted.order()   # the lake is ranked whole, the query's own frame first
+    b = order[1]
+    assert [fitted.frame_ids[i] for i in order[:2]] == ["A", "B"]
+    assert iou_xywh(plain.boxes[b], scene.paste_box) < 0.5 <= iou_xywh(fitted.boxes[b], scene.paste_box)
+    np.testing.assert_array_equal(fitted.boxes[order[4:]], plain.boxes[order[4:]])   # past top_k
+    index = scene.search.index
+    for i in order[:4]:
+        own = index.boxes[index.owner == index.rows_of([fitted.frame_ids[i]])[0]]
+        offered = [plain.boxes[i], fitted.template_boxes[fitted.frame_ids[i]], *own]
+        assert any(np.allclose(fitted.boxes[i], box) for box in offered)
+    off = _mining(scene, "mining.rerank=11", "mining.small_box=0.0", "mining.top_k=4", "mining.reference=0",
+                  "mining.box_colour=0")
+    np.testing.assert_array_equal(rank_query(search, query, "fused", off, gem_p=scene.gem_p).ranking.boxes, plain.boxes)
+    unread = rank_query(scene.search, query, "fused", mining, gem_p=scene.gem_p).ranking
+    np.testing.assert_array_equal(unread.boxes, plain.boxes)

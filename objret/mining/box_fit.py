@@ -35,14 +35,18 @@ BINS = (8, 4, 4)    # hue, saturation, value
 def colour_signature(rgb: np.ndarray, box) -> np.ndarray:
     """The colours of ``box`` (x, y, w, h pixels) in ``rgb`` (H x W x 3 uint8): one HSV histogram per horizontal
     stripe, each summing to 1 / STRIPES (so two signatures' intersection is in [0, 1])."""
-    height, width = rgb.shape[:2]
+    return _signature(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV), box)
+
+
+def _signature(hsv: np.ndarray, box) -> np.ndarray:
+    height, width = hsv.shape[:2]
     x, y, w, h = (float(v) for v in box)
     x0, y0 = int(np.clip(np.floor(x), 0, width - 1)), int(np.clip(np.floor(y), 0, height - 1))
     x1, y1 = int(np.clip(np.ceil(x + w), x0 + 1, width)), int(np.clip(np.ceil(y + h), y0 + 1, height))
-    hsv = cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2HSV)
+    crop = hsv[y0:y1, x0:x1]
     stripes = []
-    for stripe in np.array_split(hsv, STRIPES, axis=0):
-        stripe = stripe if stripe.size else hsv   # a box under STRIPES pixels high: its whole crop
+    for stripe in np.array_split(crop, STRIPES, axis=0):
+        stripe = np.ascontiguousarray(stripe if stripe.size else crop)   # a box under STRIPES pixels high: all of it
         counts = cv2.calcHist([stripe], [0, 1, 2], None, list(BINS), [0, 180, 0, 256, 0, 256]).ravel()
         stripes.append(counts / (counts.sum() * STRIPES))
     return np.concatenate(stripes).astype(np.float32)
@@ -68,8 +72,8 @@ def fit_box(box, region_boxes: np.ndarray, heat: np.ndarray, rgb: np.ndarray, qu
     rows, cols = heat.shape
     cx = np.clip(((candidates[:, 0] + candidates[:, 2] / 2) / width * cols).astype(int), 0, cols - 1)
     cy = np.clip(((candidates[:, 1] + candidates[:, 3] / 2) / height * rows).astype(int), 0, rows - 1)
-    scores = heat[cy, cx] + weight * np.array([colour_likeness(query_colour, colour_signature(rgb, c))
-                                                for c in candidates])
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)   # once for every candidate
+    scores = heat[cy, cx] + weight * np.array([colour_likeness(query_colour, _signature(hsv, c)) for c in candidates])
     return candidates[int(np.argmax(scores))]   # the ranking's box first: it wins ties
 
 

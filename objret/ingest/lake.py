@@ -15,8 +15,7 @@ import hashlib
 import math
 import os
 import sqlite3
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +57,7 @@ CREATE TABLE IF NOT EXISTS sources (
     frames  INTEGER NOT NULL
 );
 """
-_FRAME_COLUMNS = "frame_id, uri, image_uri, source, frame_index, time_s, width, height"
+FRAME_COLUMNS = "frame_id, uri, image_uri, source, frame_index, time_s, width, height"
 
 
 @dataclass(frozen=True)
@@ -143,18 +142,14 @@ class Lake:
 
     def frames(self) -> list[Frame]:
         with self._connect() as conn:
-            return [Frame(*row) for row in conn.execute(f"SELECT {_FRAME_COLUMNS} FROM frames ORDER BY seq")]
+            return [Frame(*row) for row in conn.execute(f"SELECT {FRAME_COLUMNS} FROM frames ORDER BY seq")]
 
     def get(self, frame_id: str) -> Frame:
         with self._connect() as conn:
-            row = conn.execute(f"SELECT {_FRAME_COLUMNS} FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
+            row = conn.execute(f"SELECT {FRAME_COLUMNS} FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
         if row is None:
             raise FrameNotFoundError(f"no frame {frame_id!r} in the lake at {self.root}")
         return Frame(*row)
-
-    def frame_table(self) -> "FrameTable":
-        """The lake's frames by id, read from the manifest when asked (see FrameTable)."""
-        return FrameTable(self)
 
     def present(self, frame_ids: Sequence[str], chunk: int = 500) -> list[str]:
         """Those of ``frame_ids`` still in the lake, in their order; asked of the manifest a chunk at a time, so
@@ -372,47 +367,6 @@ class Lake:
         return Frame(frame_id, frame_uri, image_uri, video_uri, index, time_s, width, height)
 
 
-class FrameTable(Mapping[str, Frame]):
-    """A lake's frames by id, each read from the manifest when looked up. A mining process looks up the few
-    hundred frames a report re-ranks and outputs; a dict of every Frame would hold ~0.5 kB a frame (0.5 GB at
-    1M frames). One read connection per thread and process, opened on first use (a connection must not cross a
-    fork or be shared between threads)."""
-
-    def __init__(self, lake: Lake):
-        self.lake = lake
-        self._local = threading.local()
-
-    def __reduce__(self):   # pickled (a Dask worker's copy) without its connections
-        return FrameTable, (self.lake,)
-
-    def _conn(self) -> sqlite3.Connection:
-        held = getattr(self._local, "held", None)
-        if held is None or held[0] != os.getpid():
-            try:
-                held = (os.getpid(), sqlite3.connect(self.lake.manifest_path, timeout=60))
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot open the lake manifest {self.lake.manifest_path}: {exc}") from exc
-            self._local.held = held
-        return held[1]
-
-    def __getitem__(self, frame_id: str) -> Frame:
-        row = self._conn().execute(f"SELECT {_FRAME_COLUMNS} FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
-        if row is None:
-            raise FrameNotFoundError(f"no frame {frame_id!r} in the lake at {self.lake.root}")
-        return Frame(*row)
-
-    def __contains__(self, frame_id: object) -> bool:
-        if not isinstance(frame_id, str):
-            return False
-        return self._conn().execute("SELECT 1 FROM frames WHERE frame_id = ?", (frame_id,)).fetchone() is not None
-
-    def __iter__(self) -> Iterator[str]:
-        return (row[0] for row in self._conn().execute("SELECT frame_id FROM frames ORDER BY seq").fetchall())
-
-    def __len__(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM frames").fetchone()[0]
-
-
 class _Batch:
     """Frames waiting to be committed to the manifest in one transaction."""
 
@@ -433,7 +387,7 @@ class _Batch:
         with self.conn:  # one transaction: all of the batch or none of it
             for frame in self.frames:
                 inserted = self.conn.execute(
-                    f"INSERT OR IGNORE INTO frames (seq, {_FRAME_COLUMNS}) VALUES "
+                    f"INSERT OR IGNORE INTO frames (seq, {FRAME_COLUMNS}) VALUES "
                     "((SELECT COALESCE(MAX(seq), 0) + 1 FROM frames), ?, ?, ?, ?, ?, ?, ?, ?)",
                     (frame.frame_id, frame.uri, frame.image_uri, frame.source, frame.frame_index,
                      frame.time_s, frame.width, frame.height),

@@ -36,7 +36,7 @@ MapReader = Callable[[list[str]], dict[str, np.ndarray]]   # frame ids -> {frame
 @dataclass
 class LakeSearch:
     index: RegionIndex
-    frames: Mapping[str, Frame]   # every lake frame, the query's too (not always indexed): a lake's FrameTable
+    frames: Mapping[str, Frame]   # every lake frame, the query's too (not always indexed): objret.ingest.frame_table
     read_maps: MapReader       # the template-matching maps of frames (mining store or feature cache)
     frame_ids: list[str]       # the indexed frames still in the lake (rows)
     global_vectors: np.ndarray | StoredRows   # N x D whole-frame GeM vectors, rows follow frame_ids

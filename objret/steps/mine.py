@@ -21,6 +21,7 @@ from objret.features.cache import extract_maps
 from objret.graph.store import current_version, open_diffusion
 from objret.index.map_store import MapStore
 from objret.index.region_index import RegionIndex, index_version
+from objret.ingest.frame_table import FrameTable
 from objret.ingest.lake import Frame, Lake
 from objret.ingest.decode import load_image
 from objret.ingest.roots import resolve_report_frame, workspace_roots
@@ -128,7 +129,7 @@ def lake_search(lake: Lake, index: RegionIndex, cells: RegionIndex | None, store
     ids = lake.present(index.frame_ids)
     if not ids:
         raise ObjretError("the index holds no frame of the lake: run build-index first")
-    return LakeSearch(index, lake.frame_table(), read_maps, ids, store.gem_rows(ids), encoding, cells=cells,
+    return LakeSearch(index, FrameTable(lake), read_maps, ids, store.gem_rows(ids), encoding, cells=cells,
                       resident_max=rerank)
 
 

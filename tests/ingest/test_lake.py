@@ -18,6 +18,7 @@ from PIL import Image, ImageFile
 from objret.ingest import lake as lake_module
 from objret import storage
 from objret.errors import BadFrameError, ObjretError, StoreError
+from objret.ingest.frame_table import FrameTable
 from objret.ingest.lake import Lake
 from tests.helpers.sigkill import run_killed, sigkill_at_call
 from objret.ingest.decode import load_image
@@ -152,7 +153,7 @@ def test_single_image_file_and_bad_sources(tmp_path, image_folder):
 def test_frame_table_reads_frames_from_the_manifest_as_they_are_ingested(tmp_path, image_folder, bench_images):
     lake = Lake(tmp_path / "lake")
     lake.ingest(str(image_folder), every_n=1, progress=False)
-    table = lake.frame_table()
+    table = FrameTable(lake)
     frames = lake.frames()
     assert list(table) == [f.frame_id for f in frames] and len(table) == 6
     assert all(table[f.frame_id] == f and f.frame_id in table for f in frames)

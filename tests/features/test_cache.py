@@ -171,6 +171,23 @@ def test_cached_maps_equal_a_fresh_extraction(backbone, frames, reference):
     assert not np.allclose(cached["stride16"][tud[0]], cached["stride16"][tud[1]], atol=1e-2)
 
 
+def test_maps_are_the_forward_rounded_once_to_fp16(backbone, frames):
+    """The backbone's activations (bf16 under CPU autocast, fp16 on CUDA, else fp32) become fp16 in one
+    conversion, the same values as through float32 (bf16 and fp16 values are all exact in float32)."""
+    from objret.features.backbone import preprocess
+
+    batch = torch.stack([preprocess(load_image(f.image_uri), backbone.spec.preprocessing) for f in frames[:3]])
+    for autocast in (True, False):
+        out = features_module.forward(backbone, batch, CPU, autocast)
+        maps = extract_maps(backbone, [(f.frame_id, load_image(f.image_uri)) for f in frames[:3]], device=CPU,
+                            autocast=autocast)
+        for layer, value in out.items():
+            through_float32 = value.float().numpy().astype(np.float16)
+            for i, f in enumerate(frames[:3]):
+                assert maps[f.frame_id][layer].dtype == np.float16
+                assert np.array_equal(maps[f.frame_id][layer], through_float32[i])
+
+
 def test_killed_run_keeps_finished_shards_and_resumes(tmp_path, backbone, frames, reference):
     ref_cache, _ = reference
     key = backbone.spec.cache_key()

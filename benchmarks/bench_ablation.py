@@ -34,7 +34,7 @@ CONFIGS = [
     ("whole-image GeM", "gem", [], "all"),
     ("whole-image R-MAC", "rmac", [], "all"),
     ("uniform R-MAC regions (best region)", "regions",
-     ["regions.sources=[whole,uniform]", "mining.weights={region: 1.0, template: 0.0, global: 0.0}"], "all"),
+     ["regions.sources=[whole,uniform]", "mining.weights={region: 1.0, template: 0.0, global: 0.0, classes: 0.0}"], "all"),
     ("regions: whole + EGM", "regions", ["regions.sources=[whole,egm]"], "all"),
     ("regions: whole + uniform + EGM", "regions", ["regions.sources=[whole,uniform,egm]"], "all"),
     ("regions: whole + uniform + detector", "regions", ["regions.sources=[whole,uniform,detector]"], "all"),

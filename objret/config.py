@@ -151,6 +151,7 @@ class WeightsParams(Section):
     region: float
     template: float
     global_: float = Field(alias="global")
+    classes: float = Field(ge=0)
 
 
 class GateParams(Section):

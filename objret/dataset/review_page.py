@@ -32,7 +32,7 @@ DECISIONS_FORMAT = "objret-review-decisions/1"
 
 # Evidence names as a labeller reads them (objret.mining.methods: what ranked the frame).
 EVIDENCE_LABELS = {"region": "region match", "template": "template match", "diffusion": "diffusion",
-                   "global": "whole frame"}
+                   "global": "whole frame", "classes": "detector class"}
 
 
 def review_page(mined: dict, run: dict | None = None,

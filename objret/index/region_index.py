@@ -329,7 +329,8 @@ class RegionIndex(FrameScoring):
             mode = "r" if mapped else None
             owner = np.load(version / "owner.npy", allow_pickle=False, mmap_mode=mode)
             boxes = np.load(version / "boxes.npy", allow_pickle=False, mmap_mode=mode)
-            meta = {k: np.load(version / f"meta-{k}.npy", allow_pickle=False) for k in manifest["meta"]}
+            meta = {k: np.load(version / f"meta-{k}.npy", allow_pickle=False, mmap_mode=mode)
+                    for k in manifest["meta"]}
             frame_ids = json.loads((version / "frame_ids.json").read_text())
             params = manifest["params"]
             out = cls(manifest["dim"], kind=manifest["kind"], use_gpu=False, recipe=manifest.get("recipe"), **params)
@@ -352,7 +353,8 @@ class RegionIndex(FrameScoring):
         out._owner, out._boxes = [owner.astype(np.int32, copy=False)], [boxes.astype(np.float32, copy=False)]
         out.mapped = mapped
         if mapped:   # rows read at random: no read-ahead (objret.index.mapped_rows)
-            random_access(boxes)
+            for rows in (boxes, *meta.values()):
+                random_access(rows)
             out._refine_codes = refine_codes(version / "regions.faiss", index)
         out._meta = {k: [v] for k, v in meta.items()}
         out._direct_map = (out.active == "ivfpq" and out.refine is None

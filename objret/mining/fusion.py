@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from objret.config import GateParams, WeightsParams
+from objret.mining.class_agreement import class_agreement
 from objret.mining.evidence import Ranking, best_region_per_frame, query_templates
 from objret.mining.feedback import FeedbackQuery
 from objret.mining.lakemaps import LakeMaps
@@ -43,6 +44,10 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
 
     ``feedback`` (objret.mining.feedback: a review of the report's last mine) replaces the region and whole-frame
     vectors with the moved ones and adds the accepted frames' templates.
+
+    Where the query box carries the detector's classes (``query.classes``) and the lake's regions theirs, the
+    frames' class agreement (objret.mining.class_agreement, in [0, 1]) adds ``weights.classes`` times itself to the
+    region side's share of the score.
     """
     vector = None if feedback is None else feedback.region_vector
     region, region_boxes = best_region_per_frame(query, lake, vector)
@@ -53,6 +58,9 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
     fused, boxes, weight = fuse_evidence(region, glob, matched.scores, region_boxes, matched.boxes,
                                          reference if len(reference) else rows, weights, fusion, gate,
                                          diffusion=diffusion, diffusion_weight=diffusion_weight)
+    agreement = frame_class_agreement(query, lake) if weights.classes > 0 else None
+    if agreement is not None:   # class evidence: as much as the region side leads the score
+        fused = fused + (1.0 - (weight or 0.0)) * weights.classes * agreement
     ranking = Ranking(lake.frame_ids, fused.astype(np.float32), boxes.astype(np.float32))
     for i in np.argsort(-fused, kind="stable")[:keep_heatmaps]:
         fid = lake.frame_ids[i]
@@ -64,7 +72,18 @@ def rank_fused(query: QueryObject, lake: LakeMaps, *, weights: WeightsParams, la
             ranking.evidence[fid]["template_weight"] = float(weight)
         if diffusion is not None:
             ranking.evidence[fid]["diffusion"] = float(diffusion[i])
+        if agreement is not None:
+            ranking.evidence[fid]["classes"] = float(agreement[i])
     return ranking
+
+
+def frame_class_agreement(query: QueryObject, lake: LakeMaps) -> np.ndarray | None:
+    """Each frame's class agreement with the query box (objret.mining.class_agreement); None where the query box
+    has no detector class or the lake's regions carry none."""
+    regions = lake.regions
+    if not query.classes or regions is None or regions.classes is None or regions.class_scores is None:
+        return None
+    return class_agreement(query.classes, regions.classes, regions.class_scores, regions.owner, len(lake))
 
 
 def match_query(query: QueryObject, stack: MapStack, layer: str, template_cells: int, scales,

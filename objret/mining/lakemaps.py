@@ -55,7 +55,9 @@ class LakeMaps:
             new_row[rows] = np.arange(len(rows))
             keep = new_row[regions.owner] >= 0
             regions = replace(regions, vectors=regions.vectors[keep], owner=new_row[regions.owner[keep]],
-                              boxes=regions.boxes[keep])
+                              boxes=regions.boxes[keep],
+                              classes=None if regions.classes is None else regions.classes[keep],
+                              class_scores=None if regions.class_scores is None else regions.class_scores[keep])
         return LakeMaps(lambda: self.stack.subset(rows), self.global_vectors[rows], regions,
                         None if self.rmac_vectors is None else self.rmac_vectors[rows],
                         None if self.discovery is None else self.discovery.subset(rows),

@@ -114,6 +114,7 @@ class Method:
     fuses_diffusion: bool = False    # takes the query's region-graph diffusion as evidence
     learns_from_review: bool = False # moves its query by a review's verdicts (objret.mining.feedback)
     standardises: bool = False       # weighs evidence by how it stands out from the frames it ranks
+    reads_classes: bool = False      # weighs the detector's classes in the query box (objret.mining.class_agreement)
 
 
 def box_scale_tolerance(query: QueryObject, m: MiningParams) -> float:
@@ -144,7 +145,8 @@ def _dtm(query: QueryObject, lake: LakeMaps, x: RankInputs) -> Ranking:
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (
-    Method("fused", _fused, matches_template=True, fuses_diffusion=True, standardises=True, learns_from_review=True),
+    Method("fused", _fused, matches_template=True, fuses_diffusion=True, standardises=True, learns_from_review=True,
+           reads_classes=True),
     Method("regions", _regions, learns_from_review=True),
     Method("dtm", _dtm, matches_template=True, learns_from_review=True),
     Method("gem", lambda query, lake, x: rank_gem(query, lake, global_layer="stride32", gem_p=x.gem_p),

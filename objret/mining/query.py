@@ -39,6 +39,7 @@ class QueryObject:
     zoomed: "QueryObject | None" = None  # a small box's surroundings zoomed in (zoomed_view), with their mirror
     frame_id: str | None = None          # the query frame's lake id, when it is in the lake (left out of statistics)
     colour: np.ndarray | None = None     # the box's colour signature (objret.mining.box_fit), when boxes are fitted
+    classes: dict[int, float] | None = None   # the detector's classes in the box (objret.mining.class_agreement)
 
     def is_small(self, small_box: float) -> bool:
         """The box covers less than ``small_box`` of its frame (mining.small_box)."""

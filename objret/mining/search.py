@@ -111,8 +111,11 @@ class LakeSearch:
             return MapStack(ids, [maps[f] for f in ids], sizes)
 
         region_ids, owner = self.regions_of(rows)
+        meta = self.index.meta   # an index built before regions carried detector classes has none
         regions = RegionVectors(self.index.vectors(region_ids), owner, self.index.boxes[region_ids],
-                                self.encoding.layer, self.encoding.pooling, self.encoding.whitening)
+                                self.encoding.layer, self.encoding.pooling, self.encoding.whitening,
+                                meta["class"][region_ids] if "class" in meta else None,
+                                meta["class_score"][region_ids] if "class_score" in meta else None)
         return LakeMaps(stack, self.global_vectors[rows], regions,
                         None if self.rmac_vectors is None else self.rmac_vectors[rows],
                         None if self.discovery is None else self.discovery.subset(rows),

@@ -22,6 +22,8 @@ class RegionVectors:
     layer: str
     pooling: str
     whitening: object | None = None  # objret.regions.whitening.Whitening
+    classes: np.ndarray | None = None       # R, a detector box's class id (-1: another source); None: not known
+    class_scores: np.ndarray | None = None  # R, the detector's confidence in it
 
     def encode(self, descriptors: np.ndarray) -> np.ndarray:
         """Raw pooled descriptors -> the vectors' space (whitened, or L2 only)."""
@@ -38,6 +40,7 @@ def region_vectors(table: RegionTable, frames: Sequence, layer: str, pooling: st
     boxes = np.concatenate([cells_to_pixels(table.boxes[table.owner == i], table.map_hw[i], sizes[i])
                             for i in range(len(frames))]) if len(table) else np.zeros((0, 4), np.float32)
     order = np.argsort(table.owner, kind="stable")  # boxes above were built frame by frame
-    vectors = RegionVectors(np.zeros((0, 0), np.float32), table.owner[order], boxes, layer, pooling, whitening)
+    vectors = RegionVectors(np.zeros((0, 0), np.float32), table.owner[order], boxes, layer, pooling, whitening,
+                            table.classes[order], table.class_scores[order])
     vectors.vectors = vectors.encode(table.descriptors[order])
     return vectors

@@ -29,11 +29,20 @@ SOURCES = ("whole", "uniform", "egm", "detector", "dasr", "os_egm")   # stored c
 
 @dataclass
 class FrameRegions:
-    """The regions of one frame: boxes in map cells of the region layer, their source and score."""
+    """The regions of one frame: boxes in map cells of the region layer, their source and score, and the class
+    a detector gave the box, with its confidence (``classes`` -1 and ``class_scores`` 0 for other sources)."""
 
     boxes: np.ndarray    # R x 4 float32, x, y, w, h in cells
     sources: np.ndarray  # R int8, index into SOURCES
     scores: np.ndarray   # R float32, e.g. mean feature saliency inside (003 eq. 9) or detector score
+    classes: np.ndarray | None = None        # R int16, the detector's class id (COCO's for the SSD), -1: none
+    class_scores: np.ndarray | None = None   # R float32, the detector's confidence in that class
+
+    def __post_init__(self):
+        if self.classes is None:
+            self.classes = np.full(len(self.boxes), -1, np.int16)
+        if self.class_scores is None:
+            self.class_scores = np.zeros(len(self.boxes), np.float32)
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -43,14 +52,16 @@ class FrameRegions:
         parts = [p for p in parts if len(p)]
         if not parts:
             return FrameRegions(np.zeros((0, 4), np.float32), np.zeros(0, np.int8), np.zeros(0, np.float32))
-        return FrameRegions(np.concatenate([p.boxes for p in parts]), np.concatenate([p.sources for p in parts]),
-                            np.concatenate([p.scores for p in parts]))
+        return FrameRegions(*(np.concatenate([getattr(p, name) for p in parts])
+                              for name in ("boxes", "sources", "scores", "classes", "class_scores")))
 
 
-def _regions(boxes, source: str, scores=None) -> FrameRegions:
+def _regions(boxes, source: str, scores=None, classes=None, class_scores=None) -> FrameRegions:
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     scores = np.ones(len(boxes), np.float32) if scores is None else np.asarray(scores, np.float32)
-    return FrameRegions(boxes, np.full(len(boxes), SOURCES.index(source), np.int8), scores)
+    return FrameRegions(boxes, np.full(len(boxes), SOURCES.index(source), np.int8), scores,
+                        None if classes is None else np.asarray(classes, np.int16).reshape(-1),
+                        None if class_scores is None else np.asarray(class_scores, np.float32).reshape(-1))
 
 
 def whole_region(map_hw: tuple[int, int]) -> FrameRegions:
@@ -154,7 +165,8 @@ def frame_regions(feature_map: np.ndarray, params: RegionsParams, *, image_size:
         parts.append(_regions([[r.x, r.y, r.w, r.h] for r in found], "egm"))
     if "detector" in sources and detections is not None:
         cells = [box_to_cells((d.x, d.y, d.w, d.h), image_size, map_hw) for d in detections]
-        parts.append(_regions(cells, "detector"))
+        parts.append(_regions(cells, "detector", classes=[d.label for d in detections],
+                              class_scores=[d.score for d in detections]))
     if "dasr" in sources and dasr_boxes is not None:
         parts.append(_regions([box_to_cells(b, image_size, map_hw) for b in dasr_boxes], "dasr"))
     regions = FrameRegions.concat(parts)

@@ -23,6 +23,9 @@ from objret.errors import ObjretError
 from objret.regions.sources import FrameRegions
 
 
+FORMAT = 2   # 2: each region's detector class and confidence
+
+
 @dataclass
 class RegionTable:
     """All regions of many frames as flat arrays; ``frame_ids[owner[i]]`` owns region i."""
@@ -34,6 +37,8 @@ class RegionTable:
     scores: np.ndarray       # R float32
     descriptors: np.ndarray  # R x D float32 (raw, L2-normalised per pooling part)
     map_hw: np.ndarray       # F x 2 int32, region-layer map size per frame (to convert boxes to pixels)
+    classes: np.ndarray      # R int16, a detector box's class id, -1 for other regions (FrameRegions)
+    class_scores: np.ndarray  # R float32, its confidence
 
     def __len__(self) -> int:
         return len(self.owner)
@@ -45,7 +50,8 @@ class RegionTable:
         mask = np.isin(self.owner, keep_frames)
         owner = np.array([new_row[o] for o in self.owner[mask]], np.int32)
         return RegionTable(list(frame_ids), owner, self.boxes[mask], self.sources[mask], self.scores[mask],
-                           self.descriptors[mask], self.map_hw[keep_frames])
+                           self.descriptors[mask], self.map_hw[keep_frames], self.classes[mask],
+                           self.class_scores[mask])
 
 
 class RegionStore:
@@ -77,6 +83,8 @@ class RegionStore:
             "boxes": np.concatenate([r.boxes for r in regions]).astype(np.float32),
             "sources": np.concatenate([r.sources for r in regions]).astype(np.int8),
             "scores": np.concatenate([r.scores for r in regions]).astype(np.float32),
+            "classes": np.concatenate([r.classes for r in regions]).astype(np.int16),
+            "class_scores": np.concatenate([r.class_scores for r in regions]).astype(np.float32),
             "descriptors": np.concatenate([per_frame[f][1] for f in frame_ids]).astype(np.float16),
         }
         buffer = io.BytesIO()
@@ -87,7 +95,8 @@ class RegionStore:
         return path
 
     def load(self, frame_ids: list[str] | None = None) -> RegionTable:
-        ids, owner, parts = [], [], {k: [] for k in ("boxes", "sources", "scores", "descriptors", "map_hw")}
+        ids, owner, parts = [], [], {k: [] for k in ("boxes", "sources", "scores", "descriptors", "map_hw",
+                                                     "classes", "class_scores")}
         for path in self.batches():
             data = _read_batch(path, ["frame_ids", "counts", *parts])
             batch_ids = data["frame_ids"].astype(str).tolist()
@@ -100,7 +109,8 @@ class RegionStore:
         table = RegionTable(ids, np.concatenate(owner).astype(np.int32), np.concatenate(parts["boxes"]),
                             np.concatenate(parts["sources"]), np.concatenate(parts["scores"]),
                             np.concatenate(parts["descriptors"]).astype(np.float32),
-                            np.concatenate(parts["map_hw"]))
+                            np.concatenate(parts["map_hw"]), np.concatenate(parts["classes"]),
+                            np.concatenate(parts["class_scores"]))
         return table.select(frame_ids) if frame_ids is not None else table
 
 
@@ -114,6 +124,8 @@ def _read_batch(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
 
 
 def params_key(params: dict) -> str:
-    """A short key for the region parameters (objret.config.RegionsParams.store_key()), so changed parameters get
-    a fresh store."""
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    """A short key for the region parameters (objret.config.RegionsParams.store_key()) and the batches' format, so
+    changed parameters, or batches without what this version reads (format 2: the detector's classes), get a
+    fresh store."""
+    blob = json.dumps({**params, "format": FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]

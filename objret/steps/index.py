@@ -53,8 +53,10 @@ def build_index(ws: Workspace, frame_ids: list[str] | None = None, directory: Pa
         vectors = region_vectors(table, [frames[f] for f in new], rp.layer, rp.pooling, whitening_obj)
         if index is None:
             index = RegionIndex(vectors.vectors.shape[1], kind=ip.region_kind, flat_max=ip.flat_max, recipe=recipe)
+        by_frame = np.argsort(table.owner, kind="stable")   # the order of vectors' regions
         index.add([new[o] for o in vectors.owner], vectors.vectors, vectors.boxes,
-                  {"saliency": table.scores[np.argsort(table.owner, kind="stable")]})
+                  {"saliency": table.scores[by_frame], "class": table.classes[by_frame].astype(np.float32),
+                   "class_score": table.class_scores[by_frame]})
         index.save(directory)
     return IndexResult(index.n_frames, len(index), index_version(sorted(index.frame_ids)), str(directory),
                        index.bytes_per_region())

@@ -26,6 +26,7 @@ from objret.ingest.lake import Frame, Lake
 from objret.ingest.decode import load_image
 from objret.ingest.roots import resolve_report_frame, workspace_roots
 from objret.mining.box_fit import colour_signature
+from objret.mining.class_agreement import box_classes
 from objret.mining.dedup import collapse_near_duplicates
 from objret.mining.feedback import Feedback
 from objret.mining.methods import get_method
@@ -170,10 +171,15 @@ def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np
     mirror = templates and mining.mirror
     zoom = templates and mining.query_zoom > 1 and query.is_small(mining.small_box)
     colour = templates and mining.box_colour > 0
-    if mirror or zoom or colour:
+    # The detector's classes in the box: where the lake's regions carry theirs (detector regions)
+    classes = (get_method(method).reads_classes and mining.weights.classes > 0
+               and "detector" in ws.params.regions.sources)
+    if mirror or zoom or colour or classes:
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
     if colour:
         query.colour = colour_signature(pixels, box)
+    if classes:
+        query.classes = box_classes(ws.detect(pixels), box)
     if mirror:
         query.mirror = mirrored_view(ws.backbone, pixels, box)
     if zoom:

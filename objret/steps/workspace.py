@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -17,6 +18,7 @@ class Workspace:
         self.params = params
         self.root = Path(root or params.workdir).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._detector_lock = threading.Lock()   # a cv2.dnn net is not thread-safe
 
     @cached_property
     def lake(self) -> Lake:
@@ -26,6 +28,19 @@ class Workspace:
     def backbone(self) -> Backbone:
         f = self.params.features
         return build_backbone(f.backbone, tuple(f.layers), f.max_side, f.resnet50_weights)
+
+    def detect(self, image):
+        """The region detector's detections in an RGB ``image`` (params' regions.detector: the same boxes and
+        classes as the lake frames' detector regions). One detector a workspace, used by one thread at a time."""
+        with self._detector_lock:
+            return self._detector.propose(image)
+
+    @cached_property
+    def _detector(self):
+        from objret.regions.detector import BoxProposer
+
+        d = self.params.regions.detector
+        return BoxProposer(score_threshold=d.score_threshold, max_boxes=d.max_boxes)
 
     @cached_property
     def cache(self) -> FeatureCache:

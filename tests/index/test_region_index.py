@@ -139,6 +139,22 @@ def test_adding_a_known_frame_is_a_no_op(lake):
         index.add(["new"], x[:1])   # meta names are fixed by the first add
 
 
+def test_region_meta_is_memory_mapped_where_the_index_is(tmp_path, lake):
+    """A mining process opens the index mapped and reads the side arrays of its candidates' regions only: at 1M
+    frames (~50M regions) each side array held whole would be ~200 MB of its memory."""
+    fids, x, _ = lake
+    index = RegionIndex(D, kind="flat", use_gpu=False)
+    meta = {"class": np.arange(300, dtype=np.float32) % 91, "class_score": np.linspace(0, 1, 300, dtype=np.float32)}
+    index.add(fids[:300], x[:300], region_meta=meta)
+    index.save(tmp_path / "idx")
+    mapped = RegionIndex.load(tmp_path / "idx", use_gpu=False, mapped=True)
+    loaded = RegionIndex.load(tmp_path / "idx", use_gpu=False)
+    for name, values in meta.items():
+        assert isinstance(mapped.meta[name], np.memmap) and not isinstance(loaded.meta[name], np.memmap)
+        np.testing.assert_array_equal(mapped.meta[name], values)
+        np.testing.assert_array_equal(loaded.meta[name], values)
+
+
 def test_incremental_add_keeps_old_results(lake):
     fids, x, queries = lake
     old, new = slice(0, 4000), slice(4000, 6000)

@@ -34,7 +34,9 @@ def regions():
 
 def flat(frames, x, boxes) -> RegionIndex:
     index = RegionIndex(D, kind="flat", use_gpu=False, recipe={"layer": "stride16"})
-    index.add(frames, x, boxes)
+    # Per-region side arrays as build-index stores them (a detector class and its confidence per region).
+    rows = np.array([int(f.split("-")[1]) for f in frames], np.float32)
+    index.add(frames, x, boxes, {"class": rows % 7, "class_score": rows / 1000})
     return index
 
 
@@ -47,6 +49,15 @@ def one_and_sharded(regions, tmp_path_factory):
         flat(frames[a:b], x[a:b], boxes[a:b]).save(folder / f"shard-{s}")
     sharded = load_shards([folder / f"shard-{s}" for s in range(len(cuts) - 1)], recipe={"layer": "stride16"})
     return flat(frames, x, boxes), sharded
+
+
+def test_sharded_meta_is_the_shards_in_order(one_and_sharded):
+    """What mining reads per region beside its box (objret.mining.search: the detector's classes) is the one
+    index's, region for region."""
+    one, sharded = one_and_sharded
+    assert set(sharded.meta) == set(one.meta) == {"class", "class_score"}
+    for name in one.meta:
+        np.testing.assert_array_equal(sharded.meta[name], one.meta[name])
 
 
 def test_sharded_search_equals_one_index(regions, one_and_sharded):

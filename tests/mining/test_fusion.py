@@ -250,7 +250,7 @@ def test_a_large_box_ranks_the_region_index_shortlist_only(scene):
     assert len(short.ranking.frame_ids) == 7 and short.ranking.frame_ids[k:] == shortlist[k:7]
     # The shortlist is the index's alone: the fusion weights do not change it.
     no_global = _mining(scene, f"mining.rerank={k}", "mining.small_box=0.0",
-                        "mining.weights={region: 1.0, template: 1.0, global: 0.0}")
+                        "mining.weights={region: 1.0, template: 1.0, global: 0.0, classes: 0.0}")
     assert _first_stage(scene, "fused", no_global)[1] == shortlist
     # A lake no larger than rerank is ranked whole, the query's frame in it.
     every = rank_query(scene.search, scene.query, "fused", _mining(scene, "mining.rerank=50", "mining.small_box=0.0",

@@ -58,7 +58,10 @@ def test_tune_names_only_existing_mining_parameters():
     params = load_params()
     assert params.eval.tune, "params.yaml tunes no parameter leave-one-set-out"
     for key, values in params.eval.tune.items():   # the default comes first
-        assert values[0] == getattr(params.mining, key.removeprefix("mining.")), key
+        default = params
+        for part in key.split("."):   # a nested one too: mining.weights.classes
+            default = getattr(default, part)
+        assert values[0] == default, key
     with pytest.raises(ObjretError, match="'mining.fusoin', which is not a parameter"):
         load_params(None, ["eval.tune={mining.fusoin: [sum]}"])
     with pytest.raises(ObjretError, match="only mining parameters"):

@@ -50,9 +50,10 @@ class ShardedIndex(RegionIndex):
         self._row = {f: i for i, f in enumerate(self.frame_ids)}
         self._owner = [np.concatenate([s.owner.astype(np.int64) + o for s, o in zip(shards, self.frame_offset)])]
         self._boxes = [np.concatenate([s.boxes for s in shards])]
-        names = [set(s.meta) for s in shards]
-        self._meta = ({k: [np.concatenate([s.meta[k] for s in shards])] for k in names[0]}
-                      if names and all(n == names[0] for n in names) else None)
+        names = {tuple(sorted(s.meta)) for s in shards}
+        if len(names) > 1:   # shards built by different versions of build-index
+            raise ObjretError(f"shards disagree on their per-region arrays: {sorted(names)}")
+        self._meta = {k: [np.concatenate([s.meta[k] for s in shards])] for k in shards[0].meta}
         self._refine_codes = None
         self.use_gpu, self._gpu_index = False, None   # each shard keeps its own (GPU) index
         self.search_shards = search_shards or self.search_here

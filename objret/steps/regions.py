@@ -35,12 +35,8 @@ def regions(ws: Workspace, progress: bool = True, frame_ids: list[str] | None = 
     else:  # cached by other workers maybe: the cache's load() reads their shards, cached_ids() may not know them
         wanted = set(frame_ids)
         todo = [f for f in ws.lake.frames() if f.frame_id in wanted and f.frame_id not in done]
-    proposer = None
     sources = rp.sources
-    if "detector" in sources:
-        from objret.regions.detector import BoxProposer
-
-        proposer = BoxProposer(score_threshold=rp.detector.score_threshold, max_boxes=rp.detector.max_boxes)
+    detect = "detector" in sources   # the workspace's detector: the one a query box is seen by too
     batch = rp.batch
     count = 0
     for start in tqdm(range(0, len(todo), batch), desc="regions", unit="batch", disable=not progress):
@@ -49,8 +45,8 @@ def regions(ws: Workspace, progress: bool = True, frame_ids: list[str] | None = 
         per_frame = {}
         for frame in chunk:
             fmap = maps[frame.frame_id]
-            image = load_image(frame.image_uri, ws.s3_endpoint_url) if proposer or "dasr" in sources else None
-            detections = proposer.propose(image) if proposer is not None else None
+            image = load_image(frame.image_uri, ws.s3_endpoint_url) if detect or "dasr" in sources else None
+            detections = ws.detect(image) if detect else None
             dasr_boxes = _dasr_boxes(ws, image, rp.dasr) if "dasr" in sources else None
             found = frame_regions(fmap, rp, image_size=(frame.width, frame.height), detections=detections,
                                   dasr_boxes=dasr_boxes)

@@ -99,6 +99,10 @@ def test_bad_shard_sets_are_refused(regions, one_and_sharded, tmp_path):
     other.add(frames[16:24], x[16:24])
     with pytest.raises(ObjretError, match="recipe"):
         ShardedIndex([flat(frames[:16], x[:16], boxes[:16]), other])
+    no_meta = RegionIndex(D, kind="flat", use_gpu=False, recipe={"layer": "stride16"})
+    no_meta.add(frames[16:24], x[16:24], boxes[16:24])   # a shard built before regions carried classes
+    with pytest.raises(ObjretError, match="per-region arrays"):
+        ShardedIndex([flat(frames[:16], x[:16], boxes[:16]), no_meta])
     flat(frames[:16], x[:16], boxes[:16]).save(tmp_path / "a")
     with pytest.raises(ObjretError, match="another descriptor recipe"):
         load_shards([tmp_path / "a"], recipe={"layer": "stride8"})

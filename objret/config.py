@@ -179,6 +179,7 @@ class MiningParams(Section):
     method: MethodName
     rerank: int = Field(ge=1)
     shortlist: int = Field(ge=1)
+    class_frames: int = Field(ge=0)
     reference: int = Field(ge=0)
     maps: Literal["store", "cache"]
     mapped_indexes: bool

@@ -22,6 +22,7 @@ import numpy as np
 from objret.errors import ObjretError
 from objret.graph.diffusion import GraphDiffusion
 from objret.index.cell_index import vote
+from objret.index.class_frames import ClassFrames
 from objret.index.frame_scoring import FrameHit
 from objret.index.map_store import StoredRows
 from objret.index.region_index import RegionIndex
@@ -50,6 +51,7 @@ class LakeSearch:
     key: str = ""              # what the caller loaded it for (objret.steps.mine.search_key)
     _graph_rows: tuple[str, np.ndarray] | None = field(default=None, repr=False)
     _resident: LakeMaps | None = field(default=None, repr=False)
+    _class_frames: ClassFrames | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if not self.frame_ids:
@@ -82,6 +84,33 @@ class LakeSearch:
         exclude = set(exclude)
         hits = vote(self.cells, keys, k + len(exclude))
         return [h for h in hits if h.frame_id in self.row_of and h.frame_id not in exclude][:k]
+
+    def class_shortlist(self, query_classes: dict[int, float], k: int, exclude: Collection[str] = ()) -> list[FrameHit]:
+        """The ``k`` frames of highest class agreement with a query box of ``query_classes`` (objret.mining.
+        class_agreement), none in ``exclude`` (no region nor box: they are re-ranked, never shown as found). Empty
+        when the index carries no detector classes."""
+        frames = self.class_frames()
+        if frames is None or not query_classes:
+            return []
+        rows, agreement = frames.agreement(query_classes)
+        exclude = set(exclude)
+        hits = []
+        for i in _best_first(agreement, k + len(exclude)):
+            frame_id = self.index.frame_ids[rows[i]]
+            if frame_id in self.row_of and frame_id not in exclude:
+                hits.append(FrameHit(frame_id, float(agreement[i]), -1, (np.nan,) * 4))
+                if len(hits) == k:
+                    break
+        return hits
+
+    def class_frames(self) -> ClassFrames | None:
+        """The index's frames by detector class (objret.index.class_frames), built on first use; None when its
+        regions carry no class."""
+        meta = self.index.meta
+        if self._class_frames is None and "class" in meta and "class_score" in meta:
+            self._class_frames = ClassFrames.from_regions(self.index.owner, meta["class"], meta["class_score"],
+                                                          self.index.n_frames)
+        return self._class_frames
 
     @property
     def cells_layer(self) -> str | None:
@@ -132,3 +161,17 @@ class LakeSearch:
         if self._graph_rows is None or self._graph_rows[0] != diffusion.version:
             self._graph_rows = (diffusion.version, diffusion.rows_for(self.frame_ids))
         return self._graph_rows[1]
+
+
+def _best_first(scores: np.ndarray, head: int):
+    """Positions of ``scores``, highest first: the first ``head`` found by partition (a class's frames may be most
+    of the lake), the rest sorted only if the caller reads past them."""
+    if len(scores) > 2 * head:
+        top = np.argpartition(-scores, head)[:head]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        yield from top
+        rest = np.setdiff1d(np.arange(len(scores)), top)
+        yield from rest[np.argsort(-scores[rest], kind="stable")]
+    else:
+        yield from np.argsort(-scores, kind="stable")
+

@@ -15,10 +15,15 @@ from objret.eval.metrics import average_precision
 from objret.features.backbone import build_backbone
 from objret.features.cache import extract_maps
 from objret.ingest.decode import load_image
+from objret.index.region_index import RegionIndex
 from objret.mining.class_agreement import MIN_IOU, box_classes, class_agreement
+from objret.mining.evidence import query_region_vector
 from objret.mining.fusion import rank_fused
 from objret.mining.lakemaps import LakeMaps
+from objret.mining.methods import get_method
 from objret.mining.query import QueryObject
+from objret.mining.search import LakeSearch
+from objret.mining.shortlist import first_stage, rerank_candidates
 from objret.mining.template_matching import MapStack
 from objret.regions.detector import BoxProposer, Detection
 from objret.regions.encoding import region_vectors
@@ -150,5 +155,44 @@ def test_fused_adds_the_class_agreement_to_the_region_sides_share(lake):
     lake.query.classes, kept = {}, lake.query.classes
     try:
         np.testing.assert_array_equal(_fused(lake, default).scores, without.scores)
+    finally:
+        lake.query.classes = kept
+
+
+def test_the_frames_holding_the_query_boxs_classes_are_re_ranked_beside_the_shortlist(lake):
+    """The fused method re-ranks, past ``mining.rerank``, the ``mining.class_frames`` frames of highest class
+    agreement that the shortlist did not bring (objret.mining.shortlist.rerank_candidates): here the shortlist's
+    first 3 frames, then the bus photos the detector finds, every one of them."""
+    regions = lake.lake.regions
+    index = RegionIndex(regions.vectors.shape[1], kind="flat", use_gpu=False)
+    index.add([lake.ids[o] for o in regions.owner], regions.vectors, regions.boxes,
+              {"class": regions.classes.astype(np.float32), "class_score": regions.class_scores})
+    frames = {f: SimpleNamespace(frame_id=f, width=int(w), height=int(h))
+              for f, (w, h) in zip(lake.ids, lake.lake.stack.image_sizes)}
+    search = LakeSearch(index, frames, lambda wanted: {}, list(lake.ids), lake.lake.global_vectors, regions)
+    mining = load_params(None, ["mining.rerank=3", "mining.class_frames=10", "mining.small_box=0.0"]).mining
+    method = get_method("fused")
+    vector = query_region_vector(lake.query, regions)
+    stage, shortlist = first_stage(search, method, lake.query, vector, mining)
+    assert stage == "regions" and lake.ids[0] not in {h.frame_id for h in shortlist}
+    stage, rerank, tail = rerank_candidates(search, method, lake.query, vector, mining)
+    head = [h.frame_id for h in shortlist[:3]]
+    by_class = [h.frame_id for h in search.class_shortlist(lake.query.classes, 10, exclude={lake.ids[0]})]
+    assert stage == "regions+classes"
+    assert [h.frame_id for h in rerank] == head + [f for f in by_class if f not in head]
+    assert lake.positives <= {h.frame_id for h in rerank}   # every bus photo is re-ranked
+    assert [h.frame_id for h in tail] == [h.frame_id for h in shortlist[3:] if h.frame_id not in by_class]
+    # The class list is the agreement's order over every frame holding a class (the query's own frame left out).
+    agreement = class_agreement(lake.query.classes, regions.classes, regions.class_scores, regions.owner,
+                                len(lake.ids))
+    order = [lake.ids[i] for i in np.argsort(-agreement, kind="stable") if lake.ids[i] != lake.ids[0]
+             and agreement[i] > 0]
+    assert by_class == order[:10] and len(by_class) >= len(lake.positives)
+    # Without detector classes in the query box, or with class_frames 0, the shortlist alone is re-ranked.
+    none = load_params(None, ["mining.rerank=3", "mining.class_frames=0", "mining.small_box=0.0"]).mining
+    assert [h.frame_id for h in rerank_candidates(search, method, lake.query, vector, none)[1]] == head
+    lake.query.classes, kept = {}, lake.query.classes
+    try:
+        assert rerank_candidates(search, method, lake.query, vector, mining)[0] == "regions"
     finally:
         lake.query.classes = kept

@@ -7,9 +7,9 @@ and the lake loaded once as a LakeSearch (objret.steps.mine.load_search). For ev
 frame_query: the box on its lake frame, with its mirror view when ``mining.mirror`` is on) it computes the three
 kinds of evidence the `fused` method combines with the library's own functions, off the LakeSearch's maps:
 best region similarity + box (best_region_per_frame) and whole-frame GeM on every frame, and the template-matching
-peak + box (match_query) on the candidates objret.mining.shortlist.first_stage picks, for the parameters'
-``mining.rerank`` and for every shortlist size a configuration below asks for (``mining.small_box``: a small box's
-candidates are every frame). They are stored in <workdir>/fusion_evidence-<key>.npz (reused by the next run while
+peak + box (match_query) on the candidates objret.mining.shortlist.rerank_candidates picks, for the
+parameters' ``mining.rerank`` and for every shortlist size a configuration below asks for (``mining.small_box``: a
+small box's candidates are every frame). They are stored in <workdir>/fusion_evidence-<key>.npz (reused by the next run while
 the parameters, the index and the queries are the same; ~1 s a query to compute on a 2-core CPU).
 
 Each configuration then ranks the bench with objret.mining.fusion.fuse_evidence, typed WeightsParams / GateParams
@@ -41,7 +41,7 @@ from objret.mining.evidence import Ranking, best_region_per_frame, query_region_
 from objret.mining.fusion import fuse_evidence, match_query
 from objret.mining.methods import get_method
 from objret.mining.search import LakeSearch
-from objret.mining.shortlist import first_stage
+from objret.mining.shortlist import rerank_candidates
 from objret.regions.pooling import gem
 from objret.steps import features as features_step, graph as graph_step, index as index_step
 from objret.steps import ingest as ingest_step, regions as regions_step, whitening as whitening_step
@@ -201,9 +201,9 @@ def load_or_compute_evidence(ws: Workspace, bench, frame_of: dict, search: LakeS
         needed = set()
         for k in reranks:
             mining = ws.params.replace(f"mining.rerank={k}").mining
-            _, hits = first_stage(search, fused, query, vector, mining)
+            _, hits, _ = rerank_candidates(search, fused, query, vector, mining)
             rows = (search.rows(exclude=query.frame_id) if hits is None
-                    else np.array([search.row_of[h.frame_id] for h in hits[:k]], np.int64))
+                    else np.array([search.row_of[h.frame_id] for h in hits], np.int64))
             out[f"candidates_{k}"][qi, :len(rows)] = rows
             needed.update(rows.tolist())
         rows = np.array(sorted(needed), np.int64)

@@ -4,12 +4,12 @@
 
 W: a work folder where `objret eval --bench ../shared/bench --workdir W` ran (the bench built as a lake). For
 every instance query of the bench (pasted objects, video instances) and a fixed sample of class queries (half
-with boxes under 1% of the frame): the frames `objret mine` would re-rank (objret.mining.shortlist.first_stage,
-the first ``mining.rerank``, with the current params.yaml) against the top 50 gallery frames of exhaustive
-matching (the same method with every frame template-matched over the fp16 cache: mining.rerank above the lake,
-mining.maps=cache), and against the positives exhaustive matching ranks in its first 20 (what the shortlist costs
-in mAP: most gallery frames in a top 50 are negatives for an instance query). Prints and writes the mean recall per
-query group (benchmarks/results/shortlist_recall.json).
+with boxes under 1% of the frame): the frames `objret mine` would re-rank
+(objret.mining.shortlist.rerank_candidates, with the current params.yaml) against the top 50 gallery frames of
+exhaustive matching (the same method with every frame template-matched over the fp16 cache: mining.rerank above
+the lake, mining.maps=cache), and against the positives exhaustive matching ranks in its first 20 (what the
+shortlist costs in mAP: most gallery frames in a top 50 are negatives for an instance query). Prints and writes
+the mean recall per query group (benchmarks/results/shortlist_recall.json).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from objret.eval.bench import load_bench
 from objret.eval.run import bench_frame_ids, gallery_entries
 from objret.mining.evidence import query_region_vector
 from objret.mining.methods import get_method
-from objret.mining.shortlist import first_stage
+from objret.mining.shortlist import rerank_candidates
 from objret.steps.mine import frame_query, load_search, rank_report_query
 from objret.steps.workspace import Workspace
 
@@ -74,8 +74,8 @@ def main() -> None:
                          if (e["set"], e["image_id"]) in positives}
         if not best:
             continue
-        stage, hits = first_stage(search, method, query, query_region_vector(query, search.encoding), m)
-        kept = set(search.frame_ids) if hits is None else {h.frame_id for h in hits[:m.rerank]}
+        stage, hits, _ = rerank_candidates(search, method, query, query_region_vector(query, search.encoding), m)
+        kept = set(search.frame_ids) if hits is None else {h.frame_id for h in hits}
         for group in (group_of(q), "all"):
             recall[group].append(len(kept & set(best)) / len(best))
             if top_positives:

@@ -17,11 +17,12 @@ instances within 0.004. In-sample: every class query is coco_mini's, and the SSD
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from objret.boxes import iou_xywh
+from objret.mining.query import zoom_window
 
 MIN_IOU = 0.3   # a detection overlapping the query box this much names its object (0.5: bench class mAP -0.005)
 
@@ -37,6 +38,28 @@ def box_classes(detections: Sequence, box) -> dict[int, float]:
             weights[int(d.label)] = max(weights.get(int(d.label), 0.0), float(d.score) * overlap)
     total = sum(weights.values())
     return {c: w / total for c, w in weights.items()} if total > 0 else {}
+
+
+def seen_classes(detect: Callable[[np.ndarray], Sequence], pixels: np.ndarray, box, zoom: float = 1.0
+                 ) -> dict[int, float]:
+    """The query box's classes (box_classes) as ``detect`` sees them in the frame ``pixels`` and, when ``zoom`` >
+    1 (a small box's zoomed view, objret.mining.query), in the window of 1/zoom of the frame around the box, which
+    the detector's fixed input (300 x 300 px) then shows ``zoom`` times larger; the views' weights summed, then
+    normalised to sum 1. Bench, the 159 class queries under 1% of the frame: a class found in the box 0.60 ->
+    0.79 of them, the query's own class weighing 0.46 -> 0.61 on average (a window of a quarter of the sides
+    alone: 0.63, a mining parameter more)."""
+    views = [box_classes(detect(pixels), box)]
+    if zoom > 1:
+        height, width = pixels.shape[:2]
+        x0, y0, x1, y1 = zoom_window(box, width, height, zoom)
+        window = np.ascontiguousarray(pixels[y0:y1, x0:x1])
+        views.append(box_classes(detect(window), (box[0] - x0, box[1] - y0, box[2], box[3])))
+    summed: dict[int, float] = {}
+    for view in views:
+        for label, weight in view.items():
+            summed[label] = summed.get(label, 0.0) + weight
+    total = sum(summed.values())
+    return {c: w / total for c, w in summed.items()} if total > 0 else {}
 
 
 def class_agreement(query_classes: dict[int, float], classes: np.ndarray, class_scores: np.ndarray,

@@ -8,8 +8,11 @@ the weights Salton and Buckley 1990 found robust, 0.75 and 0.15: not tuned on th
     q' = q + positive * mean(accepted) - negative * mean(rejected),   then L2-normalised.
 
 An accepted frame's region vector is its region that best covers the accepted box; a rejected frame's is its
-region nearest the query (what made it rank). Judged frames are never ranked again: the next mine shows frames
-the reviewer has not seen.
+region nearest the query (what made it rank). The query box's detector classes (objret.mining.class_agreement)
+move towards the classes the detector found on the accepted boxes, by the same ``positive`` weight: a query box
+the detector saw nothing in, or took for another class, learns what the accepted objects are. Rejected frames do
+not move them: a frame without the object says what it holds, not what the object is not. Judged frames are
+never ranked again: the next mine shows frames the reviewer has not seen.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from objret.boxes import iou_xywh
+from objret.mining.class_agreement import box_classes
 from objret.mining.evidence import query_templates
 from objret.mining.lakemaps import LakeMaps
 from objret.mining.query import QueryObject
+from objret.regions.detector import Detection
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class FeedbackQuery:
     templates: list[tuple[np.ndarray, tuple[float, float]]]   # (th x tw x C template, its box in cells h, w)
     accepted: int
     rejected: int
+    classes: dict[int, float] | None = None   # the query box's detector classes moved (None: not known)
 
 
 def rocchio(query: np.ndarray, positives: np.ndarray, negatives: np.ndarray, positive: float,
@@ -63,18 +69,21 @@ def rocchio(query: np.ndarray, positives: np.ndarray, negatives: np.ndarray, pos
 
 def feedback_query(vector: np.ndarray, global_vector: np.ndarray, judged: LakeMaps, feedback: Feedback, *,
                    layer_maps: bool, template_cells: int, positive: float, negative: float,
-                   max_templates: int) -> FeedbackQuery:
-    """The query's vectors moved by ``feedback`` and the accepted frames' templates (at most ``max_templates``,
-    in the order the review listed them). ``judged``: the judged frames as the methods read them (frames the
-    lake no longer holds are skipped); ``layer_maps``: whether templates are wanted (methods that match them)."""
+                   max_templates: int, classes: dict[int, float] | None = None) -> FeedbackQuery:
+    """The query's vectors (and its box's detector ``classes``, when known) moved by ``feedback`` and the accepted
+    frames' templates (at most ``max_templates``, in the order the review listed them). ``judged``: the judged
+    frames as the methods read them (frames the lake no longer holds are skipped); ``layer_maps``: whether
+    templates are wanted (methods that match them)."""
     row_of = {f: i for i, f in enumerate(judged.frame_ids)}
-    region_pos, region_neg, global_pos, global_neg, templates = [], [], [], [], []
+    region_pos, region_neg, global_pos, global_neg, templates, classes_pos = [], [], [], [], [], []
     for frame_id, box in feedback.accepted.items():
         if frame_id not in row_of:
             continue
         row = row_of[frame_id]
         _collect(judged, row, lambda vectors, boxes: np.argmax([iou_xywh(b, box) for b in boxes]),
                  global_pos, region_pos)
+        if classes is not None:
+            classes_pos.append(frame_box_classes(judged, row, box))
         if layer_maps and len(templates) < max_templates:
             templates.append(frame_template(judged, row, box, template_cells))
     for frame_id in sorted(feedback.rejected):
@@ -86,7 +95,30 @@ def feedback_query(vector: np.ndarray, global_vector: np.ndarray, judged: LakeMa
         rocchio(vector, np.reshape(region_pos, (-1, dim)), np.reshape(region_neg, (-1, dim)), positive, negative),
         rocchio(global_vector, np.reshape(global_pos, (-1, gdim)), np.reshape(global_neg, (-1, gdim)), positive,
                 negative),
-        templates, len(global_pos), len(global_neg))
+        templates, len(global_pos), len(global_neg),
+        None if classes is None else moved_classes(classes, classes_pos, positive))
+
+
+def moved_classes(classes: dict[int, float], accepted: list[dict[int, float]], positive: float) -> dict[int, float]:
+    """The query box's class weights plus ``positive`` x the mean of the accepted boxes' (each summing to 1, or
+    empty where the detector saw nothing), normalised to sum 1."""
+    moved = dict(classes)
+    for seen in accepted:
+        for label, weight in seen.items():
+            moved[label] = moved.get(label, 0.0) + positive * weight / len(accepted)
+    total = sum(moved.values())
+    return {c: w / total for c, w in moved.items()} if total > 0 else {}
+
+
+def frame_box_classes(lake: LakeMaps, row: int, box) -> dict[int, float]:
+    """The detector's classes in ``box`` on frame ``row`` of ``lake``, from its stored detector regions (the
+    detections the lake frame was indexed with: objret.mining.class_agreement.box_classes)."""
+    regions = lake.regions
+    if regions is None or regions.classes is None or regions.class_scores is None:
+        return {}
+    mine = np.flatnonzero((regions.owner == row) & (np.asarray(regions.classes) >= 0))
+    return box_classes([Detection(*(float(v) for v in regions.boxes[r]), float(regions.class_scores[r]),
+                                  int(regions.classes[r])) for r in mine], box)
 
 
 def _collect(judged: LakeMaps, row: int, choose, global_out: list, region_out: list) -> None:

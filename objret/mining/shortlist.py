@@ -17,7 +17,7 @@ already judged (objret.mining.feedback: their verdicts move the query instead).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -127,6 +127,8 @@ def rank_query(search: LakeSearch, query: QueryObject, method_name: str, mining:
     if feedback and method.learns_from_review and mining.feedback.enabled:
         learned = learn_from_review(search, query, vector, feedback, method, mining, gem_p)
         vector = learned.region_vector
+        if learned.classes is not None:
+            query = replace(query, classes=learned.classes)
     stage, hits, tail = rerank_candidates(search, method, query, vector, mining, judged)
     if hits is None:
         # Every frame: the whole lake as it is but the judged frames (the caller drops the query's own frame).
@@ -171,7 +173,8 @@ def learn_from_review(search: LakeSearch, query: QueryObject, vector: np.ndarray
     f = mining.feedback
     return feedback_query(vector, gem(query.maps["stride32"], gem_p), judged, feedback,
                           layer_maps=method.matches_template, template_cells=mining.template_cells,
-                          positive=f.positive, negative=f.negative, max_templates=f.templates)
+                          positive=f.positive, negative=f.negative, max_templates=f.templates,
+                          classes=query.classes)
 
 
 def reference_rows(search: LakeSearch, candidates: np.ndarray, n: int, exclude: set[str]) -> np.ndarray:

@@ -26,7 +26,7 @@ from objret.ingest.lake import Frame, Lake
 from objret.ingest.decode import load_image
 from objret.ingest.roots import resolve_report_frame, workspace_roots
 from objret.mining.box_fit import colour_signature
-from objret.mining.class_agreement import box_classes
+from objret.mining.class_agreement import seen_classes
 from objret.mining.dedup import collapse_near_duplicates
 from objret.mining.feedback import Feedback
 from objret.mining.methods import get_method
@@ -178,8 +178,8 @@ def frame_query(ws: Workspace, frame: Frame | None, box, method: str, pixels: np
         pixels = pixels if pixels is not None else load_image(frame.image_uri, ws.s3_endpoint_url)
     if colour:
         query.colour = colour_signature(pixels, box)
-    if classes:
-        query.classes = box_classes(ws.detect(pixels), box)
+    if classes:   # a small box is also seen in its zoomed window, where the detector sees it larger
+        query.classes = seen_classes(ws.detect, pixels, box, mining.query_zoom if zoom else 1.0)
     if mirror:
         query.mirror = mirrored_view(ws.backbone, pixels, box)
     if zoom:

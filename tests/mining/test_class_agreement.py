@@ -4,11 +4,13 @@ coco_mini photos through the real SSD detector, and in objret.mining.fusion.rank
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from objret.config import load_params
 from objret.eval.metrics import average_precision
@@ -16,14 +18,15 @@ from objret.features.backbone import build_backbone
 from objret.features.cache import extract_maps
 from objret.ingest.decode import load_image
 from objret.index.region_index import RegionIndex
-from objret.mining.class_agreement import MIN_IOU, box_classes, class_agreement
+from objret.mining.class_agreement import MIN_IOU, box_classes, class_agreement, seen_classes
 from objret.mining.evidence import query_region_vector
 from objret.mining.fusion import rank_fused
+from objret.mining.feedback import Feedback
 from objret.mining.lakemaps import LakeMaps
 from objret.mining.methods import get_method
-from objret.mining.query import QueryObject
+from objret.mining.query import QueryObject, zoom_window
 from objret.mining.search import LakeSearch
-from objret.mining.shortlist import first_stage, rerank_candidates
+from objret.mining.shortlist import first_stage, rank_query, rerank_candidates
 from objret.mining.template_matching import MapStack
 from objret.regions.detector import BoxProposer, Detection
 from objret.regions.encoding import region_vectors
@@ -98,8 +101,24 @@ def lake(bench_dir, tmp_path_factory):
                          np.stack([gem(maps[i]["stride32"]) for i in ids]), regions)
     query = QueryObject(maps[ids[0]], sizes[0], tuple(box), frame_id=ids[0])
     query.classes = box_classes(detections[ids[0]], box)
+    bus_boxes = {str(a["image_id"]): tuple(a["bbox"]) for a in sorted(coco["annotations"], key=lambda a: a["area"])
+                 if a["category_id"] == bus}   # each photo's largest bus
     return SimpleNamespace(ids=ids, lake=maps_lake, query=query, params=params, detections=detections, label=bus,
-                           positives={str(i["id"]) for i in chosen[1:len(with_bus)]})
+                           positives={str(i["id"]) for i in chosen[1:len(with_bus)]}, bus_boxes=bus_boxes,
+                           maps={i: maps[i]["stride16"] for i in ids})
+
+
+@pytest.fixture(scope="module")
+def search(lake):
+    """The lake as objret mines it: its regions in a region index with their detector classes as meta."""
+    regions = lake.lake.regions
+    index = RegionIndex(regions.vectors.shape[1], kind="flat", use_gpu=False)
+    index.add([lake.ids[o] for o in regions.owner], regions.vectors, regions.boxes,
+              {"class": regions.classes.astype(np.float32), "class_score": regions.class_scores})
+    frames = {f: SimpleNamespace(frame_id=f, width=int(w), height=int(h))
+              for f, (w, h) in zip(lake.ids, lake.lake.stack.image_sizes)}
+    return LakeSearch(index, frames, lambda wanted: {f: lake.maps[f] for f in wanted}, list(lake.ids),
+                      lake.lake.global_vectors, regions)
 
 
 def _ap(frame_ids, scores, positives, query_id):
@@ -159,17 +178,11 @@ def test_fused_adds_the_class_agreement_to_the_region_sides_share(lake):
         lake.query.classes = kept
 
 
-def test_the_frames_holding_the_query_boxs_classes_are_re_ranked_beside_the_shortlist(lake):
+def test_the_frames_holding_the_query_boxs_classes_are_re_ranked_beside_the_shortlist(lake, search):
     """The fused method re-ranks, past ``mining.rerank``, the ``mining.class_frames`` frames of highest class
     agreement that the shortlist did not bring (objret.mining.shortlist.rerank_candidates): here the shortlist's
     first 3 frames, then the bus photos the detector finds, every one of them."""
     regions = lake.lake.regions
-    index = RegionIndex(regions.vectors.shape[1], kind="flat", use_gpu=False)
-    index.add([lake.ids[o] for o in regions.owner], regions.vectors, regions.boxes,
-              {"class": regions.classes.astype(np.float32), "class_score": regions.class_scores})
-    frames = {f: SimpleNamespace(frame_id=f, width=int(w), height=int(h))
-              for f, (w, h) in zip(lake.ids, lake.lake.stack.image_sizes)}
-    search = LakeSearch(index, frames, lambda wanted: {}, list(lake.ids), lake.lake.global_vectors, regions)
     mining = load_params(None, ["mining.rerank=3", "mining.class_frames=10", "mining.small_box=0.0"]).mining
     method = get_method("fused")
     vector = query_region_vector(lake.query, regions)
@@ -196,3 +209,60 @@ def test_the_frames_holding_the_query_boxs_classes_are_re_ranked_beside_the_shor
         assert rerank_candidates(search, method, lake.query, vector, mining)[0] == "regions"
     finally:
         lake.query.classes = kept
+
+
+def test_seen_classes_adds_the_zoomed_windows_detections_in_frame_coordinates():
+    frame = np.zeros((400, 800, 3), np.uint8)
+    box = (500.0, 100.0, 20.0, 20.0)
+    seen = []
+
+    def detect(pixels):   # the whole frame: a car on the box; the window: a bus on it, and the car half on it
+        seen.append(pixels.shape[:2])
+        if pixels.shape[:2] == frame.shape[:2]:
+            return [Detection(500, 100, 20, 20, 0.8, 3)]
+        x0, y0, _, _ = zoom_window(box, 800, 400, 2.0)
+        return [Detection(500 - x0, 100 - y0, 20, 20, 0.6, 6), Detection(500 - x0, 100 - y0, 20, 10, 0.6, 3)]
+
+    assert seen_classes(detect, frame, box) == {3: 1.0} and seen == [(400, 800)]
+    classes = seen_classes(detect, frame, box, zoom=2.0)
+    assert seen[1:] == [(400, 800), (200, 400)]   # the window: half the frame's sides, around the box
+    window = {6: 0.6 / 0.9, 3: 0.3 / 0.9}          # its own weights (box_classes), summing to 1
+    assert classes == pytest.approx({3: (1.0 + window[3]) / 2, 6: window[6] / 2})   # each view counts alike
+    assert seen_classes(lambda pixels: [], frame, box, zoom=2.0) == {}
+
+
+def test_the_detector_names_a_small_bus_in_its_zoomed_window(lake, bench_dir):
+    """The query's bus photo shrunk to a third of its sides in a grey frame of its size (the bus 0.7% of it): the
+    real SSD sees nothing in the box in the whole frame; in the window of half its sides around the box, a bus."""
+    coco = json.loads((bench_dir / "coco_mini" / "annotations.json").read_text())
+    image = next(i for i in coco["images"] if str(i["id"]) == lake.ids[0])
+    photo = load_image(str(bench_dir / "coco_mini" / image["file_name"]))
+    small = np.asarray(Image.fromarray(photo).resize((photo.shape[1] // 3, photo.shape[0] // 3), Image.LANCZOS))
+    frame = np.full_like(photo, 128)
+    y0, x0 = (frame.shape[0] - small.shape[0]) // 2, (frame.shape[1] - small.shape[1]) // 2
+    frame[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
+    x, y, w, h = lake.query.box
+    box = (x0 + x / 3, y0 + y / 3, w / 3, h / 3)
+    assert box[2] * box[3] < 0.01 * frame.shape[0] * frame.shape[1]
+    detector = BoxProposer(score_threshold=0.05, max_boxes=30)
+    whole = seen_classes(detector.propose, frame, box)
+    zoomed = seen_classes(detector.propose, frame, box, zoom=2.0)
+    assert lake.label not in whole and max(zoomed, key=zoomed.get) == lake.label, (whole, zoomed)
+
+
+def test_a_review_teaches_a_query_box_the_detector_missed_the_accepted_boxes_classes(lake, search):
+    """A query box the detector saw nothing in (no class evidence) learns, from two accepted bus boxes, that it is
+    a bus (their stored detections); the next mine's class list then brings the other bus photos."""
+    mining = load_params(None, ["mining.rerank=3", "mining.class_frames=10", "mining.small_box=0.0",
+                                "mining.layer=stride16", "mining.scales=[1.0]"]).mining
+    accepted = sorted(lake.positives)[:2]
+    feedback = Feedback({f: lake.bus_boxes[f] for f in accepted}, frozenset(lake.ids[-3:]))
+    blind = replace(lake.query, classes={})
+    result = rank_query(search, blind, "fused", mining, gem_p=3.0, feedback=feedback)
+    learned = result.feedback.classes
+    assert max(learned, key=learned.get) == lake.label and sum(learned.values()) == pytest.approx(1.0)
+    assert result.stage == "regions+classes"
+    ranked = set(result.ranking.frame_ids[:result.candidates])
+    assert lake.positives - set(accepted) <= ranked and not feedback.judged & set(result.ranking.frame_ids)
+    # Without the review the blind query has no class to look for.
+    assert rank_query(search, blind, "fused", mining, gem_p=3.0).stage == "regions"

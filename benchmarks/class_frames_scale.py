@@ -53,7 +53,8 @@ def one_size(n_frames: int) -> dict:
     held = frames.rows.nbytes + frames.scores.nbytes + frames.starts.nbytes + frames.labels.nbytes
     return {"frames": n_frames, "regions": n, "build_s": round(build, 3), "pairs": len(frames),
             "pairs_per_frame": round(len(frames) / n_frames, 2), "held_MB": round(held / 1e6, 1),
-            "build_peak_rss_growth_GB": round(growth / 1e6, 3), "query_ms_p50": round(1e3 * statistics.median(times), 2)}
+            "build_peak_rss_growth_GB": round(growth / 1e6, 3),
+            "query_ms_p50": round(1e3 * statistics.median(times), 2)}
 
 
 def main() -> None:

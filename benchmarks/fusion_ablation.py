@@ -9,8 +9,8 @@ kinds of evidence the `fused` method combines with the library's own functions, 
 best region similarity + box (best_region_per_frame) and whole-frame GeM on every frame, and the template-matching
 peak + box (match_query) on the candidates objret.mining.shortlist.rerank_candidates picks, for the
 parameters' ``mining.rerank`` and for every shortlist size a configuration below asks for (``mining.small_box``: a
-small box's candidates are every frame). They are stored in <workdir>/fusion_evidence-<key>.npz (reused by the next run while
-the parameters, the index and the queries are the same; ~1 s a query to compute on a 2-core CPU).
+small box's candidates are every frame). They are stored in <workdir>/fusion_evidence-<key>.npz (reused by the
+next run while the parameters, the index and the queries are the same; ~1 s a query to compute on a 2-core CPU).
 
 Each configuration then ranks the bench with objret.mining.fusion.fuse_evidence, typed WeightsParams / GateParams
 made with ``params.replace``, over exactly the frames `objret mine` and `objret eval` would rank (rank_query):

@@ -106,10 +106,11 @@ class LakeSearch:
     def class_frames(self) -> ClassFrames | None:
         """The index's frames by detector class (objret.index.class_frames), built on first use; None when its
         regions carry no class."""
-        meta = self.index.meta
-        if self._class_frames is None and "class" in meta and "class_score" in meta:
-            self._class_frames = ClassFrames.from_regions(self.index.owner, meta["class"], meta["class_score"],
-                                                          self.index.n_frames)
+        if self._class_frames is None:
+            meta = self.index.meta   # joined per call where the index is held in chunks: read it once
+            if "class" in meta and "class_score" in meta:
+                self._class_frames = ClassFrames.from_regions(self.index.owner, meta["class"], meta["class_score"],
+                                                              self.index.n_frames)
         return self._class_frames
 
     @property

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from objret.boxes import iou_xywh
+from objret.index.class_frames import ClassFrames
 from objret.mining.query import zoom_window
 
 MIN_IOU = 0.3   # a detection overlapping the query box this much names its object (0.5: bench class mAP -0.005)
@@ -36,8 +37,7 @@ def box_classes(detections: Sequence, box) -> dict[int, float]:
         overlap = iou_xywh((d.x, d.y, d.w, d.h), box)
         if overlap >= MIN_IOU:
             weights[int(d.label)] = max(weights.get(int(d.label), 0.0), float(d.score) * overlap)
-    total = sum(weights.values())
-    return {c: w / total for c, w in weights.items()} if total > 0 else {}
+    return normalised(weights)
 
 
 def seen_classes(detect: Callable[[np.ndarray], Sequence], pixels: np.ndarray, box, zoom: float = 1.0
@@ -58,20 +58,21 @@ def seen_classes(detect: Callable[[np.ndarray], Sequence], pixels: np.ndarray, b
     for view in views:
         for label, weight in view.items():
             summed[label] = summed.get(label, 0.0) + weight
-    total = sum(summed.values())
-    return {c: w / total for c, w in summed.items()} if total > 0 else {}
+    return normalised(summed)
 
 
 def class_agreement(query_classes: dict[int, float], classes: np.ndarray, class_scores: np.ndarray,
                     owner: np.ndarray, n_frames: int) -> np.ndarray:
     """Per frame: the sum over the query's classes of its weight times the frame's most confident detection of
     that class (``classes``, ``class_scores`` and ``owner``: one row per region, objret.regions.encoding.
-    RegionVectors; class -1 is a region of another source)."""
+    RegionVectors; class -1 is a region of another source). The lake-wide class list computes the same."""
+    rows, agreement = ClassFrames.from_regions(owner, classes, class_scores, n_frames).agreement(query_classes)
     out = np.zeros(n_frames, np.float64)
-    classes = np.asarray(classes).astype(np.int64)
-    for label, weight in query_classes.items():
-        of_class = classes == label
-        best = np.zeros(n_frames, np.float64)
-        np.maximum.at(best, np.asarray(owner)[of_class], np.asarray(class_scores, np.float64)[of_class])
-        out += weight * best
+    out[rows] = agreement
     return out
+
+
+def normalised(weights: dict[int, float]) -> dict[int, float]:
+    """``weights`` scaled to sum 1 (empty when they sum to nothing)."""
+    total = sum(weights.values())
+    return {c: w / total for c, w in weights.items()} if total > 0 else {}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from objret.boxes import iou_xywh
-from objret.mining.class_agreement import box_classes
+from objret.mining.class_agreement import box_classes, normalised
 from objret.mining.evidence import query_templates
 from objret.mining.lakemaps import LakeMaps
 from objret.mining.query import QueryObject
@@ -106,8 +106,7 @@ def moved_classes(classes: dict[int, float], accepted: list[dict[int, float]], p
     for seen in accepted:
         for label, weight in seen.items():
             moved[label] = moved.get(label, 0.0) + positive * weight / len(accepted)
-    total = sum(moved.values())
-    return {c: w / total for c, w in moved.items()} if total > 0 else {}
+    return normalised(moved)
 
 
 def frame_box_classes(lake: LakeMaps, row: int, box) -> dict[int, float]:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from objret.index.class_frames import ClassFrames
-from objret.mining.class_agreement import class_agreement
 
 
 def _regions(seed: int, n_frames: int, per_frame: int):
@@ -21,11 +20,15 @@ def _regions(seed: int, n_frames: int, per_frame: int):
 
 
 @pytest.mark.parametrize("query", [{1: 1.0}, {6: 0.75, 3: 0.25}, {10: 0.5, 1: 0.3, 99: 0.2}])
-def test_agreement_is_class_agreement_over_every_frame(query):
+def test_agreement_is_each_frames_weighted_best_detection_of_the_query_classes(query):
     owner, classes, scores = _regions(0, 200, 12)
     frames = ClassFrames.from_regions(owner, classes, scores, 200)
     rows, agreement = frames.agreement(query)
-    every = class_agreement(query, classes, scores, owner, 200)
+    every = np.zeros(200)   # by hand: per frame, each query class's weight x its most confident detection
+    for frame in range(200):
+        for label, weight in query.items():
+            mine = (owner == frame) & (classes == label)
+            every[frame] += weight * (scores[mine].max() if mine.any() else 0.0)
     np.testing.assert_array_equal(rows, np.flatnonzero(every > 0))   # every frame holding a class, no other
     np.testing.assert_allclose(agreement, every[rows], rtol=1e-6)
     # One pair per (frame, class) held, far fewer than the regions.

@@ -41,7 +41,7 @@ from objret.mining.evidence import Ranking, best_region_per_frame, query_region_
 from objret.mining.fusion import fuse_evidence, match_query
 from objret.mining.methods import get_method
 from objret.mining.search import LakeSearch
-from objret.mining.shortlist import rerank_candidates
+from objret.mining.shortlist import classes_weighed_by_lake, rerank_candidates
 from objret.regions.pooling import gem
 from objret.steps import features as features_step, graph as graph_step, index as index_step
 from objret.steps import ingest as ingest_step, regions as regions_step, whitening as whitening_step
@@ -193,7 +193,7 @@ def load_or_compute_evidence(ws: Workspace, bench, frame_of: dict, search: LakeS
     vectors = []
     start = time.perf_counter()
     for qi, q in enumerate(tqdm(bench.queries, desc="evidence", unit="query")):
-        query = frame_query(ws, search.frames[frame_of[q.key]], q.bbox, "fused")
+        query = classes_weighed_by_lake(search, frame_query(ws, search.frames[frame_of[q.key]], q.bbox, "fused"))
         vector = query_region_vector(query, search.encoding)
         vectors.append(vector)
         out["region"][qi], out["region_boxes"][qi] = best_region_per_frame(query, lake)

@@ -27,7 +27,7 @@ from objret.eval.bench import load_bench
 from objret.eval.run import bench_frame_ids, gallery_entries
 from objret.mining.evidence import query_region_vector
 from objret.mining.methods import get_method
-from objret.mining.shortlist import rerank_candidates
+from objret.mining.shortlist import classes_weighed_by_lake, rerank_candidates
 from objret.steps.mine import frame_query, load_search, rank_report_query
 from objret.steps.workspace import Workspace
 
@@ -74,7 +74,7 @@ def main() -> None:
                          if (e["set"], e["image_id"]) in positives}
         if not best:
             continue
-        stage, hits, _ = rerank_candidates(search, method, query, query_region_vector(query, search.encoding), m)
+        stage, hits, _ = rerank_candidates(search, method, classes_weighed_by_lake(search, query), query_region_vector(query, search.encoding), m)
         kept = set(search.frame_ids) if hits is None else {h.frame_id for h in hits}
         for group in (group_of(q), "all"):
             recall[group].append(len(kept & set(best)) / len(best))

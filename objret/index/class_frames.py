@@ -8,7 +8,8 @@ Built from the region index's per-region meta (``class``, ``class_score``) in on
 needs it, and held in memory: one (frame, class) pair per class a frame holds, 8 bytes each. Bench: 1,526 frames,
 5.3 pairs a frame (SSD score >= 0.05, 30 boxes at most); at 1M frames ~47 MB, built in ~5 s (one sort of ~30M
 detector regions, 0.7 GB passing: benchmarks/class_frames_scale.py). A query reads the lists of its box's classes
-only: one weighted bincount over their frames (15 ms at 1M).
+only: one weighted bincount over their frames (15 ms at 1M). The same lists say how much of the lake holds a
+class (``share``), by which mining discounts the query's classes (``discounted``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ class ClassFrames:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def share(self, label: int) -> float:
+        """How much of the lake holds the class: the mean over every frame of its most confident detection of
+        it (0 for a frame without it), in [0, 1]."""
+        i = int(np.searchsorted(self.labels, label))
+        if i == len(self.labels) or self.labels[i] != label or not self.n_frames:
+            return 0.0
+        return float(self.scores[self.starts[i]:self.starts[i + 1]].sum(dtype=np.float64) / self.n_frames)
+
+    def discounted(self, query_classes: dict[int, float]) -> dict[int, float]:
+        """The query box's class weights, each times the share of the lake that does not hold the class (1 -
+        ``share``): a class in nearly every frame cannot tell the frames apart, and its detector's confidence
+        would only add noise to them (bench lake: person 0.66, car 0.30, the other classes under 0.1)."""
+        return {label: weight * (1.0 - self.share(label)) for label, weight in query_classes.items()}
 
     def agreement(self, query_classes: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
         """(frame rows, their class agreement with a query box of ``query_classes`` {class id: weight}): the

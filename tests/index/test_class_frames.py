@@ -56,3 +56,22 @@ def test_no_detection_or_no_known_class_finds_nothing():
     assert len(empty) == 0 and len(empty.agreement({1: 1.0})[0]) == 0
     frames = ClassFrames.from_regions(owner, classes, scores, 10)
     assert len(frames.agreement({})[0]) == 0 and len(frames.agreement({42: 1.0})[0]) == 0
+
+
+def test_a_class_is_discounted_by_how_much_of_the_lake_holds_it():
+    # Four frames: a person in every one (best detections 0.9, 0.8, 0.7, 0.6), a bus in one (0.5), no car.
+    owner = np.array([0, 0, 1, 2, 3, 3, 0])
+    classes = np.array([1, 1, 1, 1, 1, 6, 6], np.float32)
+    scores = np.array([0.9, 0.2, 0.8, 0.7, 0.6, 0.5, 0.1], np.float32)
+    frames = ClassFrames.from_regions(owner, classes, scores, 4)
+    assert frames.share(1) == pytest.approx((0.9 + 0.8 + 0.7 + 0.6) / 4)
+    assert frames.share(6) == pytest.approx((0.1 + 0.5) / 4)   # frame 0's bus at 0.1, frame 3's at 0.5
+    assert frames.share(3) == 0.0
+    weights = frames.discounted({1: 0.5, 6: 0.3, 3: 0.2})
+    assert weights == pytest.approx({1: 0.5 * 0.25, 6: 0.3 * 0.85, 3: 0.2})
+    # The rarer class now leads a frame's agreement: frame 3 (person 0.6, bus 0.5) above frame 0 (0.9, 0.1).
+    rows, agreement = frames.agreement(weights)
+    assert agreement[list(rows).index(3)] > agreement[list(rows).index(0)]
+    # A class in every frame at full confidence tells no frame apart.
+    every = ClassFrames.from_regions(np.arange(3), np.ones(3, np.float32), np.ones(3, np.float32), 3)
+    assert every.discounted({1: 1.0}) == {1: 0.0}

@@ -26,7 +26,7 @@ from objret.mining.lakemaps import LakeMaps
 from objret.mining.methods import get_method
 from objret.mining.query import QueryObject, zoom_window
 from objret.mining.search import LakeSearch
-from objret.mining.shortlist import first_stage, rank_query, rerank_candidates
+from objret.mining.shortlist import classes_weighed_by_lake, first_stage, rank_query, rerank_candidates
 from objret.mining.template_matching import MapStack
 from objret.regions.detector import BoxProposer, Detection
 from objret.regions.encoding import region_vectors
@@ -266,3 +266,24 @@ def test_a_review_teaches_a_query_box_the_detector_missed_the_accepted_boxes_cla
     assert lake.positives - set(accepted) <= ranked and not feedback.judged & set(result.ranking.frame_ids)
     # Without the review the blind query has no class to look for.
     assert rank_query(search, blind, "fused", mining, gem_p=3.0).stage == "regions"
+
+
+def test_mining_weighs_each_class_by_the_share_of_the_lake_without_it(lake, search):
+    """A class the detector finds in most of the lake tells its frames apart little: rank_query scores and lists
+    frames by the query's classes discounted by how much of the lake holds each (objret.index.class_frames)."""
+    mining = load_params(None, ["mining.rerank=100", "mining.small_box=0.0", "mining.layer=stride16",
+                                "mining.scales=[1.0]"]).mining
+    query = replace(lake.query, classes={lake.label: 0.6, 1: 0.4})   # a bus, and a person
+    frames = search.class_frames()
+    assert frames.share(1) > frames.share(lake.label) > 0   # more of these photos hold persons than buses
+    weights = frames.discounted(query.classes)
+    assert weights[1] / weights[lake.label] < 0.4 / 0.6
+    assert classes_weighed_by_lake(search, query).classes == weights
+    result = rank_query(search, query, "fused", mining, gem_p=3.0, keep_heatmaps=len(lake.ids))
+    regions = lake.lake.regions
+    expected = class_agreement(weights, regions.classes, regions.class_scores, regions.owner, len(lake.ids))
+    scored = {f: e["classes"] for f, e in result.ranking.evidence.items()}
+    assert len(scored) == len(lake.ids)   # the whole lake is ranked (the caller drops the query's own frame)
+    np.testing.assert_allclose([scored[f] for f in lake.ids], expected, rtol=1e-5)
+    # A query without classes is left as it is.
+    assert classes_weighed_by_lake(search, replace(query, classes={})).classes == {}

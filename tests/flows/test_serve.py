@@ -122,7 +122,9 @@ def test_served_deployments_mine_submitted_and_dropped_reports_and_refresh_on_sc
 
         (tmp_path / "k1.json").write_text(json.dumps(killed))
         _objret("report", "submit", str(tmp_path / "k1.json"), "--workdir", str(work), *sets, env=env)
-        first = _wait("k1's first run to hold it", lambda: (ledger.state("k1") or {}).get("pid"), 120, serve_log,
+        # 300 s: the runner may be at capacity with the every-minute refresh runs first (a CI run on a slow day
+        # waited over 120 s here).
+        first = _wait("k1's first run to hold it", lambda: (ledger.state("k1") or {}).get("pid"), 300, serve_log,
                       every=0.2)
         os.kill(first, signal.SIGKILL)   # mid-way: claimed, not finished; its lease is no longer renewed
 
